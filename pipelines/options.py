@@ -1,0 +1,105 @@
+"""Pipeline options: Beam's `PipelineOptions` subclass, turned once into one frozen config.
+
+Stages receive `BuildConfig` (or plain fields of it), never the options object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+
+class CorpusOptions(PipelineOptions):
+    """The `cm3corpus build` flags; every other flag passes through to Beam (`--runner`, ...)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        a = parser.add_argument
+        # Input and output.
+        a("--input", action="append", required=True,
+          help="Input pattern: tars (globs, {000..009} braces, fsspec URLs), parquet/jsonl/csv manifests or a folder."
+          " Repeat the flag for several.")
+        a("--output", required=True, help="Output directory (local path or any fsspec URL).")
+        a("--input_format", default="auto", choices=["auto", "webdataset", "parquet", "jsonl", "csv", "folder"])
+        a("--image_column", default="image_path", help="Manifest column holding the image path or URL.")
+        a("--caption_column", default="caption", help="Manifest column (or sidecar extension) holding the caption.")
+        a("--key_column", default="key", help="Manifest column holding the key (row number when absent).")
+        a("--seed", type=int, default=0, help="Seed for every random choice; randomness derives from (seed, key).")
+        # Validation budgets.
+        a("--max_image_pixels", type=int, default=64_000_000, help="Reject images with more pixels, undecoded.")
+        a("--max_image_bytes", type=int, default=32 * 2**20, help="Reject encoded images larger than this.")
+        a("--min_image_side", type=int, default=8, help="Reject images with a side shorter than this.")
+        a("--max_caption_chars", type=int, default=8192, help="Reject captions longer than this.")
+        # Embedding.
+        a("--clip_model", default="ViT-B-32", help="open_clip architecture name, a JSON config path, or 'demo'.")
+        a("--clip_pretrained", default="laion2b_s34b_b79k", help="open_clip pretrained tag or a local checkpoint path.")
+        a("--device", default="cpu", help="cpu or cuda (half precision on cuda).")
+        a("--embed_batch_size", type=int, default=64)
+        # Memory bank and retrieval.
+        a("--memory_bank", default=None, help="Retrieve from this prebuilt bank instead of building one.")
+        a("--index_factory", default=None, help="FAISS index-factory string; chosen from the bank size when absent.")
+        a("--retrieval_topk", type=int, default=32, help="Candidates fetched per query before the rules.")
+        a("--num_retrieved", type=int, default=2, help="Documents selected per query modality (image and text).")
+        a("--max_similarity", type=float, default=0.9, help="Relevance rule: skip candidates scoring above this.")
+        a("--diversity_threshold", type=float, default=0.95, help="Skip candidates this similar to a selected one.")
+        a("--query_dropout", type=float, default=0.2, help="Share of caption tokens dropped from the text query.")
+        # Tokenizers, layout and shards.
+        a("--text_tokenizer", default=None, help="A tokenizer.json to load instead of fitting BPE on the captions.")
+        a("--text_vocab_size", type=int, default=56_320)
+        a("--image_tokenizer", default=None, help="An image tokenizer file to load instead of fitting one.")
+        a("--image_codebook_size", type=int, default=8192)
+        a("--image_size", type=int, default=256, help="Side images are resized to before tokenizing.")
+        a("--image_patch_size", type=int, default=8, help="Side of one image token's patch.")
+        a("--seq_len", type=int, default=4096)
+        a("--cm3_masking", default="causal", choices=["causal", "none"])
+        a("--shard_max_samples", type=int, default=10_000)
+        a("--shard_max_bytes", type=int, default=256 * 2**20)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a `cm3corpus build` run needs, frozen; built once from the options."""
+
+    input: tuple[str, ...]  # input patterns
+    output: str  # output directory
+    input_format: str = "auto"  # auto | webdataset | parquet | jsonl | csv | folder
+    image_column: str = "image_path"  # manifest column with the image path
+    caption_column: str = "caption"  # manifest column (or sidecar extension) with the caption
+    key_column: str = "key"  # manifest column with the key
+    seed: int = 0  # all randomness derives from (seed, key)
+    max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
+    max_image_bytes: int = 32 * 2**20  # encoded size budget
+    min_image_side: int = 8  # smaller images are rejected
+    max_caption_chars: int = 8192  # longer captions are rejected
+    clip_model: str = "ViT-B-32"  # CM3Leon's retriever
+    clip_pretrained: str = "laion2b_s34b_b79k"  # tag or local checkpoint
+    device: str = "cpu"  # cpu | cuda
+    embed_batch_size: int = 64  # RunInference batch size
+    memory_bank: str | None = None  # prebuilt bank directory
+    index_factory: str | None = None  # FAISS factory string override
+    retrieval_topk: int = 32  # candidates per query
+    num_retrieved: int = 2  # selected per query modality
+    max_similarity: float = 0.9  # relevance rule threshold
+    diversity_threshold: float = 0.95  # diversity rule threshold
+    query_dropout: float = 0.2  # RA-CM3 query dropout rate
+    text_tokenizer: str | None = None  # tokenizer.json to load
+    text_vocab_size: int = 56_320  # BPE vocabulary size when fitting
+    image_tokenizer: str | None = None  # image tokenizer file to load
+    image_codebook_size: int = 8192  # VQ codes
+    image_size: int = 256  # images are resized to this square side
+    image_patch_size: int = 8  # one token per patch
+    seq_len: int = 4096  # training sequence length
+    cm3_masking: str = "causal"  # causal | none
+    shard_max_samples: int = 10_000  # shard rotation by count
+    shard_max_bytes: int = 256 * 2**20  # shard rotation by size
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> BuildConfig:
+        view = options.view_as(CorpusOptions).get_all_options()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in view.items() if k in fields}
+        inputs = values["input"]
+        values["input"] = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+        return cls(**values)

@@ -1,0 +1,102 @@
+"""The record types that flow between pipeline stages.
+
+One small slotted dataclass per stage boundary (datatrove's `Document` is the model): every
+stage reads and writes these, never dicts with string keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Modalities of a document, as written to `embeddings/` and `neighbours/`.
+IMAGE_TEXT = "image+text"
+IMAGE_ONLY = "image"
+TEXT_ONLY = "text"
+MODALITIES = (IMAGE_TEXT, IMAGE_ONLY, TEXT_ONLY)
+
+# The fixed vocabulary of reject reasons. `rejects/*.parquet` holds only these; the `detail`
+# column carries the specifics (the exception text, the measured size, ...).
+REJECT_REASONS = (
+    "image_undecodable",  # not an image, truncated, or the decoder failed
+    "image_too_large",  # over the pixel or byte budget (decompression bombs land here, undecoded)
+    "image_too_small",  # a side below --min_image_side
+    "caption_not_utf8",  # caption bytes are not valid UTF-8
+    "caption_too_long",  # caption over --max_caption_chars
+    "empty_example",  # neither a usable image nor a non-empty caption
+    "duplicate_key",  # a key seen before; the first occurrence (by source order) is kept
+    "unsafe_member",  # symlink, hard link, device, absolute or `..` member name, key with odd characters
+    "shard_unreadable",  # a shard that is not a tar or is cut short; whole samples before the damage are kept
+    "missing_file",  # a manifest row whose image path does not exist
+    "bad_manifest_row",  # a manifest row without the configured columns, or unparsable
+    "stage_error",  # an unexpected exception while processing this example in a later stage
+)
+
+
+@dataclass(slots=True)
+class Example:
+    """One validated input document: an image, a caption, or both."""
+
+    key: str  # unique, no dots or slashes (safe for WebDataset keys)
+    source: str  # where it came from: "file" or "file::member"
+    caption: str | None  # UTF-8 text, stripped; None when absent
+    image: bytes | None  # encoded RGB image (original bytes when already plain RGB, else PNG)
+    width: int = 0
+    height: int = 0
+    meta: str = ""  # the sample's JSON sidecar, verbatim (as text), when there is one
+
+    @property
+    def modality(self) -> str:
+        if self.image is not None and self.caption:
+            return IMAGE_TEXT
+        return IMAGE_ONLY if self.image is not None else TEXT_ONLY
+
+
+@dataclass(slots=True)
+class Reject:
+    """One input that did not become an Example, and why."""
+
+    key: str
+    source: str
+    reason: str  # one of REJECT_REASONS
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {self.reason!r}; add it to REJECT_REASONS")
+
+
+@dataclass(slots=True)
+class RawSample:
+    """An undecoded sample as read from an input: the bytes of each part, keyed by extension."""
+
+    key: str
+    source: str
+    order: tuple = ()  # (file, position) used to pick the first of duplicate keys deterministically
+    parts: dict[str, bytes] = field(default_factory=dict)
+    image_path: str | None = None  # manifests name an image file instead of carrying its bytes
+
+
+@dataclass(slots=True)
+class EmbeddedExample:
+    """An example's CLIP embeddings (float32, unit norm); a missing part is None."""
+
+    key: str
+    caption: str | None
+    modality: str  # one of MODALITIES
+    image_emb: Any = None  # np.ndarray (D,) or None
+    text_emb: Any = None  # np.ndarray (D,) or None
+    doc_emb: Any = None  # normalize(mean(image_emb, text_emb)), or the one part there is
+    query_text_emb: Any = None  # the caption embedded after query dropout (retrieval's text query)
+
+
+@dataclass(slots=True)
+class Neighbour:
+    """One selected neighbour of a query, in the order it will stand in the training sequence."""
+
+    query_key: str
+    rank: int
+    doc_key: str
+    score: float
+    via: str  # "image" or "text"
+    doc_modality: str
