@@ -18,13 +18,18 @@ class CorpusOptions(PipelineOptions):
     def _add_argparse_args(cls, parser):
         a = parser.add_argument
         # Input and output.
-        a("--input", action="append", required=True,
-          help="Input pattern: tars (globs, {000..009} braces, fsspec URLs), parquet/jsonl/csv manifests or a folder."
-          " Repeat the flag for several.")
+        a(
+            "--input",
+            action="append",
+            required=True,
+            help="Input pattern: tars (globs, {000..009} braces, fsspec URLs), parquet/jsonl/csv manifests or a folder."
+            " Repeat the flag for several.",
+        )
         a("--output", required=True, help="Output directory (local path or any fsspec URL).")
         a("--input_format", default="auto", choices=["auto", "webdataset", "parquet", "jsonl", "csv", "folder"])
         a("--image_column", default="image_path", help="Manifest column holding the image path or URL.")
-        a("--caption_column", default="caption", help="Manifest column (or sidecar extension) holding the caption.")
+        a("--caption_column", default="caption", help="Manifest column holding the caption.")
+        a("--caption_ext", default="txt", help="Tar member / sidecar file extension holding the caption.")
         a("--key_column", default="key", help="Manifest column holding the key (row number when absent).")
         a("--seed", type=int, default=0, help="Seed for every random choice; randomness derives from (seed, key).")
         # Validation budgets.
@@ -66,7 +71,8 @@ class BuildConfig:
     output: str  # output directory
     input_format: str = "auto"  # auto | webdataset | parquet | jsonl | csv | folder
     image_column: str = "image_path"  # manifest column with the image path
-    caption_column: str = "caption"  # manifest column (or sidecar extension) with the caption
+    caption_column: str = "caption"  # manifest column with the caption
+    caption_ext: str = "txt"  # tar member / sidecar extension with the caption
     key_column: str = "key"  # manifest column with the key
     seed: int = 0  # all randomness derives from (seed, key)
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding

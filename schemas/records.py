@@ -74,7 +74,7 @@ class RawSample:
     source: str
     order: tuple = ()  # (file, position) used to pick the first of duplicate keys deterministically
     parts: dict[str, bytes] = field(default_factory=dict)
-    image_path: str | None = None  # manifests name an image file instead of carrying its bytes
+    paths: dict[str, str] = field(default_factory=dict)  # parts still to fetch (manifests and folders): name -> URL
 
 
 @dataclass(slots=True)

@@ -1,0 +1,82 @@
+"""Deterministic parquet output: rows land in key-hash buckets, sorted, one file per bucket.
+
+Beam's own `WriteToParquet` names and fills files by how the runner cut the data into bundles,
+so two runs can differ byte for byte. Here the file a row lands in and its place in the file
+follow from its sort key alone; each file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import apache_beam as beam
+import pyarrow as pa
+
+from transforms.rng import stable_hash
+
+
+def write_table(path: str, table: pa.Table) -> None:
+    """Write `table` to `path` (any fsspec URL) under a temporary name, then rename it into place."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, target = fsspec.core.url_to_fs(path)
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    tmp = target + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(tmp, target)
+
+
+def read_table(path: str, schema: pa.Schema) -> pa.Table:
+    """Read every parquet file under `path` and check it against `schema`."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(path)
+    files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if fs.exists(root) else []
+    tables = [pq.read_table(fs.open(f, "rb")) for f in files]
+    for f, t in zip(files, tables, strict=True):
+        if not t.schema.equals(schema, check_metadata=False):
+            raise ValueError(f"{f} does not match the {schema.metadata.get(b'cm3corpus.artifact')} schema")
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+class WriteSortedParquet(beam.PTransform):
+    """PCollection[record] → `{directory}/{prefix}-BBBBB-of-NNNNN.parquet`, deterministic bytes.
+
+    Args:
+        directory: output folder (fsspec URL).
+        schema: the artifact's explicit pyarrow schema.
+        to_rows: record → list of row dicts matching `schema`.
+        sort_key: record → string; decides the bucket and the order within it.
+        num_buckets: files to spread the rows over (fixed, so reruns name files alike).
+        prefix: file name prefix.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        schema: pa.Schema,
+        to_rows: Callable,
+        sort_key: Callable,
+        num_buckets: int = 1,
+        prefix: str = "part",
+    ):
+        super().__init__()
+        self._directory, self._schema, self._to_rows = directory, schema, to_rows
+        self._sort_key, self._n, self._prefix = sort_key, num_buckets, prefix
+
+    def expand(self, pcoll):
+        return (
+            pcoll
+            | "Bucket" >> beam.Map(lambda r: (stable_hash(self._sort_key(r)) % self._n, (self._sort_key(r), r)))
+            | "Group" >> beam.GroupByKey()
+            | "Write" >> beam.MapTuple(self._write)
+        )
+
+    def _write(self, bucket: int, keyed) -> str:
+        rows = [row for _, record in sorted(keyed, key=lambda kr: kr[0]) for row in self._to_rows(record)]
+        path = f"{self._directory}/{self._prefix}-{bucket:05d}-of-{self._n:05d}.parquet"
+        write_table(path, pa.Table.from_pylist(rows, schema=self._schema))
+        return path

@@ -1,0 +1,368 @@
+"""Read every supported input into validated `Example`s, routing each failure to a `Reject`.
+
+Inputs: WebDataset tars (img2dataset output; local paths, globs, `{000..009}` braces, any fsspec
+URL), parquet / JSONL / CSV manifests (image path and caption columns configurable; the image
+column may also hold the image bytes), and folders of images with `.txt` sidecars.
+
+Archives are untrusted: members are read as bytes and never extracted, a member name never becomes
+a filesystem path, links and device members are rejected, and the sizes in the headers are checked
+against the budgets before any data is read.
+
+Every input sample ends as exactly one Example or one Reject; a damaged shard adds one
+`shard_unreadable` row (keyed by the sample that was being read, if any), so
+`examples_read == examples_written + examples_rejected` holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from schemas.records import RawSample, Reject
+from transforms import progress
+from transforms.validate import IMAGE_PARTS, Budgets, describe_error, safe_key, validate
+
+REJECTED = "rejected"  # tag of the reject output of ReadExamples
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_MANIFEST_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
+_FOLDER_EXTS = set(IMAGE_PARTS) - {"image"}
+# webdataset's grouping rule: the key is everything before the first dot of the base name.
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the inputs (on the driver, so a pattern that matches nothing fails at once and clearly).
+
+
+def expand_inputs(patterns: tuple[str, ...], input_format: str = "auto") -> list[tuple[str, str]]:
+    """Resolve input patterns into `(format, url)` units of work.
+
+    Args:
+        patterns: paths, globs, brace patterns or fsspec URLs; a folder stands for the tars in it,
+            or, when it holds none, for its images and `.txt` sidecars.
+        input_format: `auto` picks the format from each file's suffix.
+
+    Returns:
+        Sorted, de-duplicated units. A folder of images yields one unit per file stem.
+
+    Raises:
+        FileNotFoundError: a pattern matched nothing.
+        ValueError: a file's format cannot be told from its suffix.
+    """
+    import braceexpand
+    import fsspec
+
+    units: set[tuple[str, str]] = set()
+    for pattern in patterns:
+        for expanded in braceexpand.braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(expanded)
+            protocol = expanded.split("://", 1)[0] + "://" if "://" in expanded else ""
+            if fs.isdir(path):
+                units.update(_expand_folder(fs, path, protocol, input_format))
+                continue
+            matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+            if not matches:
+                raise FileNotFoundError(f"input {expanded!r} matches no file")
+            for match in matches:
+                units.add((_format_of(match, input_format), protocol + match))
+    return sorted(units)
+
+
+def _format_of(path: str, input_format: str) -> str:
+    if input_format not in ("auto", "folder"):
+        return input_format
+    lower = path.lower()
+    if lower.endswith(_TAR_SUFFIXES):
+        return "webdataset"
+    for suffix, fmt in _MANIFEST_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return fmt
+    raise ValueError(f"cannot tell the format of {path!r}; pass --input_format (webdataset|parquet|jsonl|csv)")
+
+
+def _expand_folder(fs, path: str, protocol: str, input_format: str) -> set[tuple[str, str]]:
+    files = sorted(fs.find(path))
+    tars = [f for f in files if f.lower().endswith(_TAR_SUFFIXES)]
+    if tars and input_format in ("auto", "webdataset"):
+        return {("webdataset", protocol + f) for f in tars}
+    # A folder of images with sidecars: one unit per stem, named by the stem's path.
+    stems = {f.rsplit(".", 1)[0] for f in files if "." in posixpath.basename(f)}
+    if not stems:
+        raise FileNotFoundError(f"folder {path!r} holds no tars, images or captions")
+    return {("folder", protocol + s) for s in stems}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one unit into raw samples (and rejects for what cannot even be grouped into a sample).
+
+
+def read_unit(unit: tuple[str, str], cfg) -> Iterator[RawSample | Reject]:
+    """Read one input unit; `cfg` carries the column names and budgets (a BuildConfig)."""
+    fmt, url = unit
+    if fmt == "webdataset":
+        yield from read_tar(url, _budgets(cfg))
+    elif fmt == "folder":
+        yield _folder_sample(url, cfg.caption_ext)
+    else:
+        yield from read_manifest(url, fmt, cfg.image_column, cfg.caption_column, cfg.key_column, cfg.caption_ext)
+
+
+def _budgets(cfg) -> Budgets:
+    return Budgets(cfg.max_image_pixels, cfg.max_image_bytes, cfg.min_image_side, cfg.max_caption_chars)
+
+
+def read_tar(url: str, budgets: Budgets) -> Iterator[RawSample | Reject]:
+    """Group a tar's members into samples the way webdataset does, without trusting the archive.
+
+    Whole samples before any damage are kept; the damage itself becomes one `shard_unreadable`
+    reject, keyed by the sample that was being read when it happened (or empty between samples).
+    """
+    import fsspec
+
+    current: RawSample | None = None
+    problem: tuple[str, str] | None = None  # (reason, detail) that rejects the current sample
+    position = 0
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+            for member in _members(tf):
+                match = _MEMBER.match(member.name)
+                raw_key = match.group(1) if match else member.name
+                key = safe_key(raw_key)
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield _finish(current, problem)
+                    current = RawSample(key, f"{url}::{raw_key}", (url, position))
+                    problem = None
+                    position += 1
+                if member.isdir():
+                    continue
+                unsafe = _unsafe_member(member, match)
+                if unsafe:
+                    problem = problem or ("unsafe_member", f"{member.name!r}: {unsafe}")
+                    continue
+                ext = match.group(2).lower()
+                limit = budgets.max_image_bytes if ext in IMAGE_PARTS else 4 * budgets.max_caption_chars + 2**20
+                if member.size > limit:  # decided from the header: the data is never read
+                    reason = "image_too_large" if ext in IMAGE_PARTS else "caption_too_long"
+                    problem = problem or (reason, f"member {member.name!r} is {member.size} bytes")
+                    continue
+                current.parts[ext] = tf.extractfile(member).read()
+            _check_tail(tf)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        where = f"{current.key} incomplete: " if current is not None else ""
+        yield Reject(current.key if current else "", url, "shard_unreadable", f"{where}{describe_error(e)}")
+        return
+    if current is not None:
+        yield _finish(current, problem)
+
+
+def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    while (member := tf.next()) is not None:
+        yield member
+
+
+def _check_tail(tf: tarfile.TarFile) -> None:
+    """tarfile stops quietly at a bad header after the first; make that damage loud.
+
+    A whole archive ends in at least two zero blocks; anything else after the last member means
+    it was cut short or corrupted.
+    """
+    fileobj = tf.fileobj
+    fileobj.seek(tf.offset)
+    tail = fileobj.read(1024)
+    if len(tail) < 1024 or tail.count(0) != len(tail):
+        raise tarfile.ReadError(f"no end-of-archive marker at offset {tf.offset} (cut short or corrupted)")
+
+
+def _unsafe_member(member: tarfile.TarInfo, match) -> str:
+    if not member.isfile():
+        return "not a regular file (link or device)"
+    name = member.name
+    if name.startswith("/") or name.startswith("\\") or ".." in name.split("/"):
+        return "absolute or parent-relative name"
+    if any(ord(c) < 32 for c in name) or "\\" in name:
+        return "control character or backslash in name"
+    if match is None:
+        return "no key.extension form"
+    return ""
+
+
+def _finish(sample: RawSample, problem: tuple[str, str] | None) -> RawSample | Reject:
+    if problem:
+        return Reject(sample.key, sample.source, *problem)
+    return sample
+
+
+def read_manifest(
+    url: str, fmt: str, image_column: str, caption_column: str, key_column: str, caption_ext: str = "txt"
+) -> Iterator[RawSample | Reject]:
+    """One RawSample per manifest row; image paths are resolved against the manifest's folder."""
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    stem = safe_key(posixpath.basename(url).split(".", 1)[0])
+    try:
+        rows = _manifest_rows(url, fmt)
+        for i, row in enumerate(rows):
+            source = f"{url}::row {i}"
+            if not isinstance(row, dict) or (image_column not in row and caption_column not in row):
+                yield Reject(
+                    f"{stem}_{i:09d}", source, "bad_manifest_row", f"no {image_column!r} or {caption_column!r}"
+                )
+                continue
+            raw_key = row.get(key_column)
+            key = safe_key(str(raw_key)) if raw_key not in (None, "") else f"{stem}_{i:09d}"
+            sample = RawSample(key, source, (url, i))
+            caption = row.get(caption_column)
+            if caption is not None:
+                sample.parts[caption_ext] = caption if isinstance(caption, bytes) else str(caption).encode("utf-8")
+            image = row.get(image_column)
+            if isinstance(image, dict):  # HF datasets store images as {"bytes": ..., "path": ...}
+                image = image.get("bytes") or image.get("path")
+            if isinstance(image, bytes):
+                sample.parts["image"] = image
+            elif image:
+                path = str(image)
+                sample.paths["image"] = path if "://" in path or path.startswith("/") else f"{base}/{path}"
+            yield sample
+    except Exception as e:  # an unparsable manifest: keep the rows before the damage, say where it broke
+        yield Reject(stem, url, "bad_manifest_row", f"manifest unreadable: {describe_error(e)}")
+
+
+def _manifest_rows(url: str, fmt: str) -> Iterator[dict]:
+    import fsspec
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fsspec.open(url, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+    elif fmt == "jsonl":
+        with fsspec.open(url, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield {"__error__": str(e)}
+    else:
+        with fsspec.open(url, "rt", encoding="utf-8", newline="") as f:
+            sample = f.read(4096)
+            f.seek(0)
+            dialect = csv.excel_tab if url.lower().endswith(".tsv") or "\t" in sample.split("\n", 1)[0] else csv.excel
+            yield from csv.DictReader(f, dialect=dialect)
+
+
+def _folder_sample(stem_url: str, caption_ext: str) -> RawSample:
+    """A folder unit: an image and/or a caption file that share a stem."""
+    import fsspec
+
+    fs, stem = fsspec.core.url_to_fs(stem_url)
+    protocol = stem_url[: len(stem_url) - len(stem)] if stem_url.endswith(stem) else ""
+    key = safe_key(posixpath.basename(stem))
+    sample = RawSample(key, stem_url, (stem_url, 0))
+    for path in sorted(fs.glob(stem + ".*")):
+        ext = path.rsplit(".", 1)[1].lower()
+        if ext in _FOLDER_EXTS:
+            sample.paths.setdefault("image", protocol + path)
+        elif ext in (caption_ext, "json"):
+            sample.paths[ext] = protocol + path
+    return sample
+
+
+def fetch_parts(sample: RawSample, budgets: Budgets) -> RawSample | Reject:
+    """Read the files a manifest row or folder sample names, checking sizes before reading."""
+    import fsspec
+
+    for name, url in sorted(sample.paths.items()):
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            size = fs.size(path)
+            limit = budgets.max_image_bytes if name == "image" else 4 * budgets.max_caption_chars + 2**20
+            if size is not None and size > limit:
+                reason = "image_too_large" if name == "image" else "caption_too_long"
+                return Reject(sample.key, sample.source, reason, f"{url} is {size} bytes")
+            with fs.open(path, "rb") as f:
+                sample.parts[name] = f.read()
+        except FileNotFoundError:
+            return Reject(sample.key, sample.source, "missing_file", url)
+        except OSError as e:
+            return Reject(sample.key, sample.source, "missing_file", f"{url}: {describe_error(e)}")
+    sample.paths = {}
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# The Beam side.
+
+
+class _ReadAndValidate(beam.DoFn):
+    """Reads one unit and validates each of its samples; rejects go to the REJECTED output."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+        self._read = Metrics.counter("read", "examples_read")
+
+    def process(self, unit):
+        budgets = _budgets(self._cfg)
+        for item in read_unit(unit, self._cfg):
+            self._read.inc()
+            order = item.order if isinstance(item, RawSample) else ()
+            if isinstance(item, RawSample) and item.paths:
+                item = fetch_parts(item, budgets)
+            if isinstance(item, RawSample):
+                item = validate(item, budgets, self._cfg.caption_ext)
+            if isinstance(item, Reject):
+                Metrics.counter("rejected", item.reason).inc()
+                progress.note("rejected")
+                yield beam.pvalue.TaggedOutput(REJECTED, item)
+            else:
+                progress.note("read ok")
+                yield item.key, (order, item)
+
+
+def _first_of_duplicates(keyed):
+    """Keep the first occurrence of a key by source order; the others become duplicate_key rejects."""
+    key, examples = keyed
+    ordered = sorted(examples, key=lambda e: e[0])
+    yield ordered[0][1]
+    for _, dup in ordered[1:]:
+        Metrics.counter("rejected", "duplicate_key").inc()
+        yield beam.pvalue.TaggedOutput(
+            REJECTED, Reject(key, dup.source, "duplicate_key", f"first: {ordered[0][1].source}")
+        )
+
+
+class ReadExamples(beam.PTransform):
+    """Inputs → (PCollection[Example], PCollection[Reject]), each key once.
+
+    Args:
+        units: from `expand_inputs`, resolved on the driver.
+        cfg: a BuildConfig (columns and budgets).
+    """
+
+    def __init__(self, units: list[tuple[str, str]], cfg):
+        super().__init__()
+        self._units = units
+        self._cfg = cfg
+
+    def expand(self, pbegin):
+        read = (
+            pbegin
+            | "Units" >> beam.Create(self._units)
+            | "Spread" >> beam.Reshuffle()
+            | "ReadValidate" >> beam.ParDo(_ReadAndValidate(self._cfg)).with_outputs(REJECTED, main="examples")
+        )
+        unique = (
+            read.examples
+            | "ByKey" >> beam.GroupByKey()
+            | "Dedup" >> beam.FlatMap(_first_of_duplicates).with_outputs(REJECTED, main="examples")
+        )
+        rejects = (read[REJECTED], unique[REJECTED]) | "AllRejects" >> beam.Flatten()
+        return unique.examples, rejects

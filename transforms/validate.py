@@ -1,0 +1,138 @@
+"""Decode and validate one raw sample into an `Example`, or say why not with a `Reject`.
+
+The policy, one rule per line (README "Input policy" repeats it for users):
+- caption bytes must be UTF-8 (else `caption_not_utf8`); surrounding white space is stripped;
+  an empty caption counts as absent; over `max_caption_chars` is `caption_too_long`.
+- an encoded image over `max_image_bytes`, or whose header declares more than `max_image_pixels`,
+  is `image_too_large`, decided from the header alone so a decompression bomb is never decoded.
+- a side under `min_image_side` is `image_too_small`; anything PIL cannot fully decode (not an
+  image, truncated data) is `image_undecodable`.
+- plain RGB JPEG/PNG keep their original bytes. Other modes are normalised to RGB and re-encoded
+  as PNG: CMYK is converted, 16-bit and float images are scaled to 8 bits, palette and alpha images
+  are flattened onto white, animated images keep their first frame.
+- a sample with neither a usable image nor a caption is `empty_example`; one with either is kept,
+  with its modality recorded.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from schemas.records import Example, RawSample, Reject
+
+# Where a sample keeps its image: "image" for manifest rows, else the member or file extension.
+IMAGE_PARTS = ("image", "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """The validation limits, taken from BuildConfig."""
+
+    max_image_pixels: int = 64_000_000  # header-declared pixels
+    max_image_bytes: int = 32 * 2**20  # encoded bytes
+    min_image_side: int = 8  # pixels
+    max_caption_chars: int = 8192  # characters after stripping
+
+
+def safe_key(raw: str) -> str:
+    """A key with only `[A-Za-z0-9_-]`: safe as a WebDataset key and never a path."""
+    return _SAFE_KEY.sub("_", raw) or "_"
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def describe_error(e: BaseException) -> str:
+    """`Type: message` without object addresses, so reject details repeat byte for byte across runs."""
+    return _ADDRESS.sub("", f"{type(e).__name__}: {e}")
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def validate(sample: RawSample, budgets: Budgets, caption_ext: str = "txt") -> Example | Reject:
+    """Turn a raw sample into an Example or a Reject, per the module's policy."""
+    try:
+        caption = _caption(sample.parts.get(caption_ext), budgets)
+        image_bytes = next((sample.parts[e] for e in IMAGE_PARTS if e in sample.parts), None)
+        image, width, height = _image(image_bytes, budgets) if image_bytes is not None else (None, 0, 0)
+    except _Rejected as r:
+        return Reject(sample.key, sample.source, r.reason, r.detail)
+    if image is None and not caption:
+        return Reject(sample.key, sample.source, "empty_example", f"parts present: {sorted(sample.parts) or 'none'}")
+    meta = sample.parts.get("json", b"").decode("utf-8", errors="replace")
+    return Example(sample.key, sample.source, caption, image, width, height, meta)
+
+
+def _caption(data: bytes | None, budgets: Budgets) -> str | None:
+    if data is None:
+        return None
+    if len(data) > 4 * budgets.max_caption_chars:  # UTF-8 is at most 4 bytes a character
+        raise _Rejected("caption_too_long", f"{len(data)} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Rejected("caption_not_utf8", str(e)) from None
+    text = text.strip()
+    if len(text) > budgets.max_caption_chars:
+        raise _Rejected("caption_too_long", f"{len(text)} characters > {budgets.max_caption_chars}")
+    return text or None
+
+
+def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int]:
+    from PIL import Image
+
+    if len(data) > budgets.max_image_bytes:
+        raise _Rejected("image_too_large", f"{len(data)} bytes > {budgets.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise _Rejected("image_too_large", str(e)) from None
+    except Exception as e:  # PIL raises many types for non-images
+        raise _Rejected("image_undecodable", describe_error(e)) from None
+    width, height = im.size
+    if width * height > budgets.max_image_pixels:
+        raise _Rejected("image_too_large", f"{width}x{height} pixels > {budgets.max_image_pixels}")
+    if min(width, height) < budgets.min_image_side:
+        raise _Rejected("image_too_small", f"{width}x{height} < {budgets.min_image_side}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            animated = getattr(im, "n_frames", 1) > 1
+            im.seek(0)
+            im.load()
+    except Exception as e:
+        raise _Rejected("image_undecodable", describe_error(e)) from None
+    if im.format in ("JPEG", "PNG") and im.mode == "RGB" and not animated and "transparency" not in im.info:
+        return data, width, height
+    rgb = to_rgb(im)
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    return out.getvalue(), width, height
+
+
+def to_rgb(im):
+    """Normalise any PIL mode to 8-bit RGB: alpha and palette onto white, 16-bit scaled down."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" or im.mode == "PA" or im.mode == "LA" or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
