@@ -1,0 +1,50 @@
+"""The CLI stays thin, and options become one frozen config."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.cli import COMMANDS, main
+from pipelines.options import BuildConfig, CorpusOptions
+
+
+def test_help_lists_every_command_without_importing_heavy_modules():
+    code = "import sys; from pipelines.cli import main; main(['--help']); print(sorted(m for m in ('torch', 'open_clip', 'apache_beam', 'faiss') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_unknown_command_fails():
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_options_become_a_frozen_config_and_pass_beam_flags_through():
+    options = PipelineOptions(
+        ["--input", "a/*.tar", "--input", "b.parquet", "--output", "o", "--seed", "7", "--runner", "DirectRunner"]
+    )
+    cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
+    assert cfg.input == ("a/*.tar", "b.parquet") and cfg.output == "o" and cfg.seed == 7
+    assert options.get_all_options()["runner"] == "DirectRunner"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+
+
+def test_every_config_field_has_a_flag():
+    options = PipelineOptions(["--input", "x", "--output", "o"]).view_as(CorpusOptions).get_all_options()
+    missing = [f.name for f in dataclasses.fields(BuildConfig) if f.name not in options]
+    assert missing == []
+
+
+def test_config_defaults_match_flag_defaults():
+    cfg = BuildConfig.from_options(PipelineOptions(["--input", "x", "--output", "o"]).view_as(CorpusOptions))
+    defaults = BuildConfig(input=("x",), output="o")
+    assert cfg == defaults
