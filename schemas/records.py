@@ -100,3 +100,13 @@ class Neighbour:
     score: float
     via: str  # "image" or "text"
     doc_modality: str
+
+
+@dataclass(slots=True)
+class TokenizedDoc:
+    """A document in the corpus's one id space (see schemas/vocab.py); a missing part is None."""
+
+    key: str
+    modality: str
+    text_ids: Any = None  # np.ndarray int32 of global text ids, or None
+    image_ids: Any = None  # np.ndarray int32 of global image ids, or None

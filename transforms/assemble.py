@@ -1,0 +1,58 @@
+"""Join each query with its neighbours' documents by key, never collecting the corpus on one worker.
+
+Two keyed joins (CoGroupByKey): neighbours meet their documents by `doc_key`, then the fetched
+documents meet their query by `query_key`. A document retrieved by many queries is shuffled once
+per query that wants it, which is the size of the output anyway.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from schemas.records import Neighbour, TokenizedDoc
+
+
+def _fetch(keyed):
+    _, grouped = keyed
+    docs = list(grouped["doc"])
+    if not docs:  # a bank document that is not in this corpus (e.g. --memory_bank of another corpus)
+        return
+    for n in grouped["wanted"]:
+        yield n.query_key, (n, docs[0])
+
+
+def _gather(keyed):
+    key, grouped = keyed
+    queries = list(grouped["query"])
+    if not queries:
+        return
+    neighbours = sorted(grouped["neighbours"], key=lambda nd: nd[0].rank)
+    yield queries[0], [(n, doc) for n, doc in neighbours]
+
+
+class JoinNeighbours(beam.PTransform):
+    """(docs keyed by key, Neighbour rows) → (query TokenizedDoc, [(Neighbour, TokenizedDoc)] by rank).
+
+    Every query document comes out once, with an empty list when nothing was retrieved for it.
+
+    Args:
+        neighbours: PCollection[Neighbour].
+    """
+
+    def __init__(self, neighbours):
+        super().__init__()
+        self._neighbours = neighbours
+
+    def expand(self, docs):
+        by_doc = self._neighbours | "ByDocKey" >> beam.Map(lambda n: (n.doc_key, n))
+        fetched = (
+            {"doc": docs, "wanted": by_doc} | "FetchDocs" >> beam.CoGroupByKey() | "ToQuery" >> beam.FlatMap(_fetch)
+        )
+        return (
+            {"query": docs, "neighbours": fetched}
+            | "GatherByQuery" >> beam.CoGroupByKey()
+            | "Ordered" >> beam.FlatMap(_gather)
+        )
+
+
+__all__ = ["JoinNeighbours", "Neighbour", "TokenizedDoc"]
