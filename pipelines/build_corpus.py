@@ -71,6 +71,7 @@ def finalize(output: str, stats: dict) -> None:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
     staging = f"{root}/{STAGING}"
     for name in ARTIFACTS:
         if fs.exists(f"{root}/{name}"):

@@ -18,13 +18,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_examples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--shard_size", type=int, default=250, help="Examples per input tar.")
     args, build_flags = parser.parse_known_args(argv)
 
     from pipelines import build_corpus
     from pipelines.demo_data import write_demo_corpus
 
     data, corpus = f"{args.output}/data", f"{args.output}/corpus"
-    summary = write_demo_corpus(data, num_examples=args.num_examples, seed=args.seed, image_size=args.image_size)
+    summary = write_demo_corpus(
+        data, num_examples=args.num_examples, seed=args.seed, image_size=args.image_size, shard_size=args.shard_size
+    )
     print(f"demo data: {summary} → {data}", file=sys.stderr)
     build_corpus.run(
         ["--input", f"{data}/*.tar", "--output", corpus, "--seed", str(args.seed), *demo_build_flags(), *build_flags]

@@ -68,15 +68,22 @@ class WriteSortedParquet(beam.PTransform):
         self._sort_key, self._n, self._prefix = sort_key, num_buckets, prefix
 
     def expand(self, pcoll):
+        # Every bucket gets a file, empty or not, so readers always find the artifact and reruns
+        # always write the same set of names.
+        every_bucket = pcoll.pipeline | "EveryBucket" >> beam.Create([(b, None) for b in range(self._n)])
+        keyed = pcoll | "Bucket" >> beam.Map(
+            lambda r: (stable_hash(self._sort_key(r)) % self._n, (self._sort_key(r), r))
+        )
         return (
-            pcoll
-            | "Bucket" >> beam.Map(lambda r: (stable_hash(self._sort_key(r)) % self._n, (self._sort_key(r), r)))
+            (keyed, every_bucket)
+            | "All" >> beam.Flatten()
             | "Group" >> beam.GroupByKey()
             | "Write" >> beam.MapTuple(self._write)
         )
 
     def _write(self, bucket: int, keyed) -> str:
-        rows = [row for _, record in sorted(keyed, key=lambda kr: kr[0]) for row in self._to_rows(record)]
+        present = [kr for kr in keyed if kr is not None]
+        rows = [row for _, record in sorted(present, key=lambda kr: kr[0]) for row in self._to_rows(record)]
         path = f"{self._directory}/{self._prefix}-{bucket:05d}-of-{self._n:05d}.parquet"
         write_table(path, pa.Table.from_pylist(rows, schema=self._schema))
         return path
