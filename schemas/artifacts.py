@@ -63,7 +63,8 @@ NEIGHBOURS = _versioned(
     ],
 )
 
-# Per query: how many candidates each rule skipped, and how many were selected.
+# Per query and via: how many candidates each rule skipped, and how many were selected; the columns
+# add up: candidates == selected + skipped_* + unexamined.
 RETRIEVAL_COUNTS = _versioned(
     "retrieval_counts",
     [
@@ -75,6 +76,7 @@ RETRIEVAL_COUNTS = _versioned(
         pa.field("skipped_already_selected", pa.int32(), nullable=False),
         pa.field("skipped_diversity", pa.int32(), nullable=False),
         pa.field("skipped_modality", pa.int32(), nullable=False),
+        pa.field("unexamined", pa.int32(), nullable=False),  # not looked at: the quota was already full
         pa.field("selected", pa.int32(), nullable=False),
     ],
 )

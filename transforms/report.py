@@ -1,0 +1,151 @@
+"""`report.html`: one self-contained page to judge the neighbours before spending GPU time.
+
+The renderer is a pure function of plain data (the pipeline gathers a small sample of queries and
+the run's counts); thumbnails are embedded as base64 JPEG data URIs and the CSS is inline, so the
+file opens anywhere with no network. Captions come from untrusted inputs: every text is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+THUMB_SIDE = 128  # px, longest side of an embedded thumbnail
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px}
+.sub{color:#666;margin-bottom:16px}
+table.stats{border-collapse:collapse;margin-bottom:8px}
+table.stats td{padding:3px 12px 3px 0;border-bottom:1px solid #e4e4e4;vertical-align:top}
+table.stats td.n{text-align:right;font-variant-numeric:tabular-nums}
+.query{display:flex;gap:18px;background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px;margin:12px 0}
+.q{flex:0 0 170px;border-right:2px solid #4a7bd0;padding-right:14px}
+.nbrs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+.card{width:150px}
+.img{width:128px;height:128px;display:flex;align-items:center;justify-content:center;background:#eee;
+border-radius:4px;overflow:hidden;color:#999;font-size:12px}
+.img img{max-width:128px;max-height:128px}
+.cap{margin-top:4px;font-size:12.5px;overflow-wrap:anywhere;max-height:5.6em;overflow:hidden}
+.key{font:11px ui-monospace,Menlo,monospace;color:#888;overflow-wrap:anywhere}
+.meta{font-size:12px;color:#444;margin-top:2px}
+.tag{display:inline-block;padding:0 5px;border-radius:3px;font-size:11px;margin-right:3px}
+.via-image{background:#e3ecfb;color:#234}.via-text{background:#fbeee3;color:#432}
+.mod{background:#eee;color:#444}
+.none{color:#999;font-style:italic;align-self:center}
+"""
+
+
+def thumbnail_uri(image: bytes | None, side: int = THUMB_SIDE) -> str | None:
+    """A `data:image/jpeg;base64,...` thumbnail of encoded image bytes; None when absent or undecodable."""
+    if not image:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+    except Exception:  # the report must not fail on one odd image
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _image(image: bytes | None) -> str:
+    uri = thumbnail_uri(image)
+    return f'<div class="img"><img src="{uri}" alt=""></div>' if uri else '<div class="img">no image</div>'
+
+
+def _caption(caption: str | None) -> str:
+    return f'<div class="cap">{_e(caption)}</div>' if caption else '<div class="cap none">no caption</div>'
+
+
+def _neighbour(n: Mapping[str, Any]) -> str:
+    via = _e(n.get("via"))
+    return (
+        '<div class="card">'
+        f"{_image(n.get('image'))}{_caption(n.get('caption'))}"
+        f'<div class="meta">#{_e(n.get("rank"))} · score {float(n.get("score", 0.0)):.3f}</div>'
+        f'<div class="meta"><span class="tag via-{via}">via {via}</span>'
+        f'<span class="tag mod">{_e(n.get("modality"))}</span></div>'
+        f'<div class="key">{_e(n.get("key"))}</div></div>'
+    )
+
+
+def _query(q: Mapping[str, Any]) -> str:
+    neighbours = q.get("neighbours") or []
+    body = "".join(_neighbour(n) for n in neighbours) or '<div class="none">nothing retrieved</div>'
+    return (
+        '<div class="query"><div class="q">'
+        f"{_image(q.get('image'))}{_caption(q.get('caption'))}"
+        f'<div class="meta"><span class="tag mod">{_e(q.get("modality"))}</span> query</div>'
+        f'<div class="key">{_e(q.get("key"))}</div></div>'
+        f'<div class="nbrs">{body}</div></div>'
+    )
+
+
+def _number(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return _e(v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.3f}".rstrip("0").rstrip(".")
+
+
+def _stats(counts: Mapping[str, Any], prefix: str = "") -> str:
+    rows = []
+    for name, value in counts.items():
+        if isinstance(value, Mapping):
+            rows.append(_stats(value, f"{prefix}{name} / "))
+        else:
+            rows.append(f'<tr><td>{_e(prefix + str(name))}</td><td class="n">{_number(value)}</td></tr>')
+    return "".join(rows)
+
+
+def render_report(queries: Sequence[Mapping[str, Any]], counts: Mapping[str, Any], title: str = "cm3corpus") -> str:
+    """The report page as an HTML string.
+
+    Args:
+        queries: sample queries, each `{"key", "caption", "image" (encoded bytes or None), "modality",
+            "neighbours": [{"key", "caption", "image", "score", "via", "modality", "rank"}, ...]}`,
+            neighbours in rank order.
+        counts: run counts to show (e.g. stats.json); nested dicts become "outer / inner" rows.
+        title: page heading.
+    """
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)} report</title><style>{CSS}</style></head><body>"
+        f"<h1>{_e(title)} report</h1>"
+        f'<div class="sub">{len(queries)} sample queries with their retrieved neighbours, in training-sequence'
+        " order (retrieved documents come before the query).</div>"
+        f'<h2>Run counts</h2><table class="stats">{_stats(counts)}</table>'
+        f"<h2>Sample queries</h2>{''.join(_query(q) for q in queries)}"
+        "</body></html>\n"
+    )
+
+
+def write_report(
+    path: str, queries: Sequence[Mapping[str, Any]], counts: Mapping[str, Any], title: str = "cm3corpus"
+) -> None:
+    """Render the report and write it to `path` (any fsspec URL) under a temporary name, then rename.
+
+    Args:
+        path: where report.html goes.
+        queries: see `render_report`.
+        counts: see `render_report`.
+        title: page heading.
+    """
+    import fsspec
+
+    page = render_report(queries, counts, title)
+    fs, target = fsspec.core.url_to_fs(path)
+    with fs.open(target + ".tmp", "w", encoding="utf-8") as f:
+        f.write(page)
+    fs.mv(target + ".tmp", target)

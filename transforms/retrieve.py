@@ -1,0 +1,404 @@
+"""RA-CM3 retrieval: each example queries the memory bank with its image and its (dropped-out) caption.
+
+Rules (DESIGN.md, from RA-CM3 §3.2 and CM3Leon §2.2), applied per query to the candidates of each
+via in score order; every candidate ends in exactly one count of `RETRIEVAL_COUNTS`:
+
+1. self: the query's own document (same key) is skipped.
+2. too similar: a score above `max_similarity` (0.9) is a near-duplicate of the query; skipped.
+3. already selected: a document already picked for this query (e.g. by the image query, now found
+   by the text query) counts once.
+4. modality: image+text documents come first. A single-modality candidate that passed rules 1-3 is
+   set aside; the set-aside ones are looked at, in score order, only if the image+text candidates
+   could not fill the quota. If they were not needed they count as `skipped_modality`.
+5. diversity: a candidate whose doc embedding has inner product above `diversity_threshold` with an
+   already selected document's is skipped.
+Candidates never looked at because the quota was already full count as `unexamined`.
+
+Quota: `num_retrieved` via the image query and `num_retrieved` via the text query (2 + 2). An example
+without a caption or without an image has one query only; that query takes the whole
+`2 * num_retrieved`, so every example asks for the same number of documents and the trainer's
+"pick k of them" works alike for all. The image via runs first, then the text via.
+
+Order (`rank`, the order in the training sequence, retrieved documents before the query): the two
+vias interleaved, best first — image #1, text #1, image #2, text #2 — then what is left of the
+longer via. Scores of an image query and of a text query are not on the same scale (CLIP's
+image–text similarities run lower than text–text), so a plain sort by score would favour one via.
+
+Determinism: candidates are rescored in float64 from the stored vectors (then rounded to float32)
+and ordered by (score desc, faiss id), so the batch a query lands in — which varies with the runner —
+never changes a score's bits or a tie's order (FAISS's flat search takes a BLAS path for big batches
+only, and the two paths differ in the last bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from schemas.artifacts import NEIGHBOURS, RETRIEVAL_COUNTS
+from schemas.records import IMAGE_TEXT, EmbeddedExample, Neighbour
+from transforms.parquet_io import WriteSortedParquet
+
+VIAS = ("image", "text")
+COUNTS = "counts"  # tag of the DoFn's counts output
+RESCORE_CHUNK = 64  # queries rescored at once (bounds the float64 scratch to chunk·topk·dim·8 bytes)
+
+
+@dataclass(frozen=True)
+class RetrievalRules:
+    """The selection rules' parameters (fields of `BuildConfig`)."""
+
+    num_retrieved: int = 2  # documents per via (image, text)
+    max_similarity: float = 0.9  # relevance: skip candidates scoring above this
+    diversity_threshold: float = 0.95  # diversity: skip candidates this similar to a selected one
+    topk: int = 32  # candidates fetched per query
+
+    @classmethod
+    def from_config(cls, cfg) -> RetrievalRules:
+        return cls(cfg.num_retrieved, cfg.max_similarity, cfg.diversity_threshold, cfg.retrieval_topk)
+
+
+@dataclass(slots=True)
+class RetrievalCounts:
+    """One `retrieval_counts` row: what became of one query's candidates (columns of RETRIEVAL_COUNTS).
+
+    candidates == selected + skipped_self + skipped_too_similar + skipped_already_selected
+                  + skipped_diversity + skipped_modality + unexamined
+    """
+
+    query_key: str
+    via: str
+    candidates: int = 0
+    skipped_self: int = 0
+    skipped_too_similar: int = 0
+    skipped_already_selected: int = 0
+    skipped_diversity: int = 0
+    skipped_modality: int = 0
+    unexamined: int = 0
+    selected: int = 0
+
+    def row(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class Candidates:
+    """One query's candidates in score order (best first), and where to look up what the rules need.
+
+    `keys`, `modalities` and `vectors` are indexed by faiss id (the bank's own tables, or dicts in
+    tests), so nothing is gathered for candidates the rules never look at.
+
+    Attributes:
+        ids: faiss ids, best first.
+        scores: inner product of each with the query.
+        keys: faiss id → document key.
+        modalities: faiss id → document modality.
+        vectors: faiss id → doc embedding (D,) float32, for the diversity rule.
+    """
+
+    ids: Sequence[int]
+    scores: Sequence[float]
+    keys: Sequence[str] | Mapping[int, str]
+    modalities: Sequence[str] | Mapping[int, str]
+    vectors: Sequence[np.ndarray] | Mapping[int, np.ndarray]
+
+
+class _Rows:
+    """faiss id → row of a matrix holding the vectors of a batch's distinct candidates (non-Flat banks)."""
+
+    __slots__ = ("_table", "_row")
+
+    def __init__(self, table: np.ndarray, ids: np.ndarray):
+        self._table, self._row = table, dict(zip(ids.tolist(), range(len(ids)), strict=True))
+
+    def __getitem__(self, faiss_id: int) -> np.ndarray:
+        return self._table[self._row[faiss_id]]
+
+
+def _too_close(vec: np.ndarray, chosen: list[np.ndarray], threshold: float) -> bool:
+    # At most 2·num_retrieved chosen vectors: one small dot each beats stacking them into a matrix.
+    return any(c.dot(vec) > threshold for c in chosen)
+
+
+def _select_via(
+    query_key: str, via: str, c: Candidates, quota: int, rules: RetrievalRules, chosen_ids: set, chosen_vecs: list
+) -> tuple[list[int], RetrievalCounts]:
+    """Pick up to `quota` candidate positions of one via; updates chosen_ids / chosen_vecs."""
+    counts = RetrievalCounts(query_key, via, candidates=len(c.ids))
+    ids, scores, keys, modalities, vectors = c.ids, c.scores, c.keys, c.modalities, c.vectors
+    max_similarity, diversity = rules.max_similarity, rules.diversity_threshold
+    picked: list[int] = []
+    deferred: list[int] = []  # single-modality candidates that passed rules 1-3 (rule 4)
+    i, n = 0, len(ids)
+    while i < n and len(picked) < quota:
+        doc = ids[i]
+        if keys[doc] == query_key:
+            counts.skipped_self += 1
+        elif scores[i] > max_similarity:
+            counts.skipped_too_similar += 1
+        elif doc in chosen_ids:
+            counts.skipped_already_selected += 1
+        elif modalities[doc] != IMAGE_TEXT:
+            deferred.append(i)
+        else:
+            vec = vectors[doc]
+            if _too_close(vec, chosen_vecs, diversity):
+                counts.skipped_diversity += 1
+            else:
+                picked.append(i)
+                chosen_ids.add(ids[i])
+                chosen_vecs.append(vec)
+        i += 1
+    counts.unexamined = n - i
+    if len(picked) < quota:  # not enough image+text documents: fall back to single-modality ones
+        for j, d in enumerate(deferred):
+            if len(picked) == quota:
+                counts.unexamined += len(deferred) - j
+                break
+            vec = vectors[ids[d]]
+            if _too_close(vec, chosen_vecs, diversity):
+                counts.skipped_diversity += 1
+            else:
+                picked.append(d)
+                chosen_ids.add(ids[d])
+                chosen_vecs.append(vec)
+    else:
+        counts.skipped_modality = len(deferred)
+    counts.selected = len(picked)
+    return sorted(picked), counts
+
+
+def select_neighbours(
+    query_key: str, candidates: Mapping[str, Candidates], rules: RetrievalRules
+) -> tuple[list[Neighbour], list[RetrievalCounts]]:
+    """Apply the selection rules (module docstring) to one example's candidates.
+
+    Args:
+        query_key: the example's key (its own document is skipped).
+        candidates: via ("image", "text") → that query's candidates, best first; a via the example
+            has no query for is absent, and the other via takes its quota.
+        rules: thresholds and counts.
+
+    Returns:
+        The selected neighbours with `rank` set (interleaved by via, best first), and one counts row
+        per via that ran.
+    """
+    vias = [v for v in VIAS if v in candidates]
+    if not vias:
+        return [], []
+    quota = rules.num_retrieved * len(VIAS) // len(vias)
+    chosen_ids: set = set()
+    chosen_vecs: list = []
+    picks: list[list[Neighbour]] = []
+    rows = []
+    for via in vias:
+        c = candidates[via]
+        positions, counts = _select_via(query_key, via, c, quota, rules, chosen_ids, chosen_vecs)
+        picks.append(
+            [Neighbour(query_key, 0, c.keys[c.ids[i]], c.scores[i], via, c.modalities[c.ids[i]]) for i in positions]
+        )
+        rows.append(counts)
+    ordered = [n for turn in range(quota) for per_via in picks if turn < len(per_via) for n in [per_via[turn]]]
+    for rank, n in enumerate(ordered):
+        n.rank = rank
+    return ordered, rows
+
+
+def _rescore(queries: np.ndarray, ids: np.ndarray, bank) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Exact, batch-independent scores of each query's candidates, resorted (score desc, id asc).
+
+    Args:
+        queries: (R, D) float32.
+        ids: (R, K) faiss ids from the search; -1 where the bank had fewer.
+        bank: the loaded `memory_bank.Bank`.
+
+    Returns:
+        ids (R, K) and scores (R, K) float32 (-inf at padding) reordered, and faiss id → vector.
+    """
+    table, pos = bank.vector_table(ids)
+    scores = np.empty(ids.shape, dtype=np.float64)
+    for s in range(0, len(ids), RESCORE_CHUNK):
+        cand = table[pos[s : s + RESCORE_CHUNK]].astype(np.float64)  # (r, K, D)
+        scores[s : s + RESCORE_CHUNK] = np.einsum("rkd,rd->rk", cand, queries[s : s + RESCORE_CHUNK].astype(np.float64))
+    scores = scores.astype(np.float32)
+    scores[ids < 0] = -np.inf
+    order = np.lexsort((ids, -scores), axis=1)  # last key first: score desc, then id asc
+    vectors = table if table.shape[0] == bank.count else _Rows(table, np.unique(ids[ids >= 0]))
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1), vectors
+
+
+def retrieve_batch(
+    bank, examples: Sequence[EmbeddedExample], rules: RetrievalRules
+) -> tuple[list[Neighbour], list[RetrievalCounts]]:
+    """Search the bank once for a batch of examples (image and text queries together) and select.
+
+    Args:
+        bank: a loaded `transforms.memory_bank.Bank`.
+        examples: the batch; an example's image query is its `image_emb`, its text query its
+            `query_text_emb` (the caption after query dropout).
+        rules: selection parameters.
+
+    Returns:
+        All selected neighbours and counts rows of the batch.
+    """
+    vias = [_vias_of(e) for e in examples]
+    owners = [(i, via) for i, vs in enumerate(vias) for via in vs]
+    none = Candidates([], [], {}, {}, {})
+    per_example: list[dict[str, Candidates]] = [dict.fromkeys(vs, none) for vs in vias]
+    k = min(rules.topk, bank.count)
+    if owners and k > 0:
+        vecs = [examples[i].image_emb if via == "image" else examples[i].query_text_emb for i, via in owners]
+        queries = np.ascontiguousarray(np.stack(vecs), dtype=np.float32)  # (R, D)
+        _, found = bank.index.search(queries, k)
+        ids, scores, vectors = _rescore(queries, found, bank)
+        valid = (ids >= 0).sum(axis=1).tolist()
+        ids_l, scores_l = ids.tolist(), scores.tolist()  # one conversion per batch
+        keys, mods = bank.keys, bank.modalities
+        for r, (i, via) in enumerate(owners):
+            n = valid[r]
+            row_ids, row_scores = (ids_l[r], scores_l[r]) if n == k else (ids_l[r][:n], scores_l[r][:n])
+            per_example[i][via] = Candidates(row_ids, row_scores, keys, mods, vectors)
+    neighbours, counts = [], []
+    for e, cands in zip(examples, per_example, strict=True):
+        ns, cs = select_neighbours(e.key, cands, rules)
+        neighbours.extend(ns)
+        counts.extend(cs)
+    return neighbours, counts
+
+
+def _vias_of(e: EmbeddedExample) -> list[str]:
+    return [via for via, v in (("image", e.image_emb), ("text", e.query_text_emb)) if v is not None]
+
+
+def _load(bank_dir: str):
+    from transforms.memory_bank import load_bank
+
+    return load_bank(bank_dir)
+
+
+class RetrieveDoFn(beam.DoFn):
+    """Batches of EmbeddedExample → Neighbour (main output) and RetrievalCounts (tag `counts`).
+
+    The bank is loaded once per worker process and shared by its threads (`apache_beam.utils.shared`).
+    With a fixed `bank_dir` it loads in setup(); with the directory as a side input (a bank built in
+    the same pipeline) it loads on the first batch.
+
+    Args:
+        bank_dir: the bank directory, or None when it comes as the `bank_dir` side input of process().
+        rules: selection parameters.
+    """
+
+    def __init__(self, bank_dir: str | None, rules: RetrievalRules):
+        from apache_beam.utils import shared
+
+        self._bank_dir, self._rules = bank_dir, rules
+        self._shared = shared.Shared()
+        self._bank = None
+        self._loaded_from: str | None = None
+        self._queries = Metrics.counter("retrieve", "queries")
+        self._selected = Metrics.counter("retrieve", "neighbours_selected")
+        self._latency = Metrics.distribution("retrieve", "batch_ms")
+        self._skips = {f: Metrics.counter("retrieve", f) for f in _SKIP_FIELDS}
+
+    def setup(self) -> None:
+        if self._bank_dir is not None:
+            self._bank_for(self._bank_dir)
+
+    def _bank_for(self, bank_dir: str):
+        if self._loaded_from != bank_dir:
+            self._bank = self._shared.acquire(lambda: _load(bank_dir), tag=bank_dir)
+            self._loaded_from = bank_dir
+        return self._bank
+
+    def process(self, batch: list[EmbeddedExample], bank_dir: str | None = None):
+        start = time.perf_counter()
+        bank = self._bank_for(bank_dir or self._bank_dir)
+        neighbours, counts = retrieve_batch(bank, batch, self._rules)
+        self._latency.update(int((time.perf_counter() - start) * 1000))
+        self._queries.inc(len(counts))
+        self._selected.inc(len(neighbours))
+        for c in counts:
+            for f, counter in self._skips.items():
+                if n := getattr(c, f):
+                    counter.inc(n)
+        yield from neighbours
+        for c in counts:
+            yield beam.pvalue.TaggedOutput(COUNTS, c)
+
+
+_SKIP_FIELDS = tuple(f.name for f in dataclasses.fields(RetrievalCounts) if f.name.startswith("skipped_"))
+
+
+class Retrieve(beam.PTransform):
+    """PCollection[EmbeddedExample] → outputs `.neighbours` (Neighbour) and `.counts` (RetrievalCounts).
+
+    Args:
+        bank: the bank directory (str, e.g. `--memory_bank`) or the one-element PCollection that
+            `BuildMemoryBank` returns.
+        rules: selection parameters (`RetrievalRules.from_config(cfg)`).
+        batch_size: most queries per `index.search` call.
+    """
+
+    def __init__(self, bank, rules: RetrievalRules, batch_size: int = 256):
+        super().__init__()
+        self._bank, self._rules, self._batch_size = bank, rules, batch_size
+
+    def expand(self, examples):
+        fixed = isinstance(self._bank, str)
+        side = () if fixed else (beam.pvalue.AsSingleton(self._bank),)
+        dofn = RetrieveDoFn(self._bank if fixed else None, self._rules)
+        return (
+            examples
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+            | "SearchAndSelect" >> beam.ParDo(dofn, *side).with_outputs(COUNTS, main="neighbours")
+        )
+
+
+def neighbour_rows(n: Neighbour) -> list[dict]:
+    """One NEIGHBOURS row, as the one-element list `WriteSortedParquet` expects."""
+    return [dataclasses.asdict(n)]
+
+
+def counts_rows(c: RetrievalCounts) -> list[dict]:
+    return [c.row()]
+
+
+class WriteNeighbours(beam.PTransform):
+    """PCollection[Neighbour] → `{directory}/neighbours-BBBBB-of-NNNNN.parquet`, rows by (query_key, rank)."""
+
+    def __init__(self, directory: str, num_shards: int = 1):
+        super().__init__()
+        self._directory, self._n = directory, num_shards
+
+    def expand(self, neighbours):
+        return neighbours | "WriteSorted" >> WriteSortedParquet(
+            self._directory, NEIGHBOURS, neighbour_rows, _neighbour_sort_key, self._n, prefix="neighbours"
+        )
+
+
+class WriteRetrievalCounts(beam.PTransform):
+    """PCollection[RetrievalCounts] → `{directory}/counts-BBBBB-of-NNNNN.parquet`, rows by (query_key, via)."""
+
+    def __init__(self, directory: str, num_shards: int = 1):
+        super().__init__()
+        self._directory, self._n = directory, num_shards
+
+    def expand(self, counts):
+        return counts | "WriteSorted" >> WriteSortedParquet(
+            self._directory, RETRIEVAL_COUNTS, counts_rows, _counts_sort_key, self._n, prefix="counts"
+        )
+
+
+def _neighbour_sort_key(n: Neighbour) -> str:
+    return f"{n.query_key}\x00{n.rank:06d}"
+
+
+def _counts_sort_key(c: RetrievalCounts) -> str:
+    return f"{c.query_key}\x00{VIAS.index(c.via)}"
