@@ -22,9 +22,13 @@ from schemas.records import Reject
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
+from transforms.rng import stable_hash
 
 STAGING = "_staging"
-ARTIFACTS = ("rejects",)  # folders under OUTPUT that one build owns and replaces as a whole
+# Folders under OUTPUT that one build owns and replaces as a whole.
+ARTIFACTS = ("rejects", "embeddings", "memory_bank", "neighbours", "retrieval_counts")
+REPORT_SAMPLE = "report_sample.json"  # staged by the pipeline, rendered with the run's counts by finalize
+REPORT_QUERIES = 12
 
 
 def _reject_rows(r: Reject) -> list[dict]:
@@ -35,19 +39,127 @@ def _reject_sort_key(r: Reject) -> str:
     return f"{r.source}\x00{r.key}\x00{r.reason}"
 
 
-def _count_kept(example):
+def _count_written(element):
     Metrics.counter("write", "examples_written").inc()
-    return example
+    return element
+
+
+def num_files(units: list[tuple[str, str]]) -> int:
+    """Files per parquet artifact: grows with the input, fixed for a given input (so bytes repeat)."""
+    return max(1, min(64, len(units)))
 
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
-    staging = f"{cfg.output}/{STAGING}"
-    examples, rejects = p | "Read" >> ReadExamples(units, cfg)
-    examples | "CountKept" >> beam.Map(_count_kept)
+    from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows
+    from transforms.memory_bank import BuildMemoryBank
+    from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
+
+    staging, n = f"{cfg.output}/{STAGING}", num_files(units)
+    dim = clip_embed_dim(cfg.clip_model)
+    examples, read_rejects = p | "Read" >> ReadExamples(units, cfg)
+    embedded, embed_rejects = examples | "Embed" >> EmbedExamples.from_config(cfg)
+    embedded | "WriteEmbeddings" >> WriteSortedParquet(
+        f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, n, "embeddings"
+    )
+    bank = cfg.memory_bank or (
+        embedded
+        | "MemoryBank"
+        >> BuildMemoryBank(f"{staging}/memory_bank", cfg.clip_model, cfg.index_factory, dim=dim, seed=cfg.seed)
+    )
+    retrieved = embedded | "Retrieve" >> Retrieve(bank, RetrievalRules.from_config(cfg))
+    retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours", n)
+    retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts", n)
+    examples | "ReportSample" >> ReportSample(f"{staging}/{REPORT_SAMPLE}", retrieved.neighbours)
+    embedded | "CountWritten" >> beam.Map(_count_written)
+    rejects = (read_rejects, embed_rejects) | "AllRejects" >> beam.Flatten()
     rejects | "WriteRejects" >> WriteSortedParquet(
         f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, num_buckets=1, prefix="rejects"
     )
+
+
+def _key(record) -> str:
+    return record.key
+
+
+class ReportSample(beam.PTransform):
+    """Stage a deterministic sample of queries with their neighbours (images included) as JSON.
+
+    The sample is the REPORT_QUERIES keys with the smallest stable hash among queries that got
+    neighbours; only those queries' documents ever meet on one worker.
+    """
+
+    def __init__(self, path: str, neighbours):
+        super().__init__()
+        self._path, self._neighbours = path, neighbours
+
+    def expand(self, examples):
+        chosen = (
+            self._neighbours
+            | "QueryKeys" >> beam.Map(lambda nb: nb.query_key)
+            | "Distinct" >> beam.Distinct()
+            | "Smallest" >> beam.combiners.Top.Of(REPORT_QUERIES, key=stable_hash, reverse=True)
+        )
+        picked = self._neighbours | "Picked" >> beam.Filter(
+            lambda nb, keys: nb.query_key in keys, beam.pvalue.AsSingleton(chosen)
+        )
+        wanted = (
+            picked
+            | "Wanted" >> beam.FlatMap(lambda nb: (nb.query_key, nb.doc_key))
+            | "WantedList" >> beam.combiners.ToList()
+            | "WantedSet" >> beam.Map(set)
+        )
+        docs = (
+            examples
+            | "Docs" >> beam.Filter(lambda e, keys: e.key in keys, beam.pvalue.AsSingleton(wanted))
+            | "DocList" >> beam.combiners.ToList()
+        )
+        return docs | "Write" >> beam.Map(
+            _write_report_sample, self._path, beam.pvalue.AsList(picked), beam.pvalue.AsSingleton(chosen)
+        )
+
+
+def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
+    import base64
+
+    import fsspec
+
+    by_key = {d.key: d for d in docs}
+
+    def doc(key: str) -> dict:
+        d = by_key.get(key)
+        image = base64.b64encode(d.image).decode() if d is not None and d.image is not None else None
+        return {"key": key, "caption": d.caption if d else None, "image": image, "modality": d.modality if d else ""}
+
+    queries = []
+    for key in sorted(chosen, key=stable_hash):
+        q = doc(key)
+        rows = sorted((nb for nb in neighbours if nb.query_key == key), key=lambda nb: nb.rank)
+        q["neighbours"] = [
+            {**doc(nb.doc_key), "score": nb.score, "via": nb.via, "rank": nb.rank, "modality": nb.doc_modality}
+            for nb in rows
+        ]
+        queries.append(q)
+    with fsspec.open(path, "w") as f:
+        json.dump(queries, f, sort_keys=True)
+    return path
+
+
+def _render_report(fs, root: str, stats: dict) -> None:
+    import base64
+
+    from transforms.report import write_report
+
+    sample = f"{root}/{STAGING}/{REPORT_SAMPLE}"
+    if not fs.exists(sample):
+        return
+    with fs.open(sample, "r") as f:
+        queries = json.load(f)
+    for q in queries:
+        for d in (q, *q["neighbours"]):
+            d["image"] = base64.b64decode(d["image"]) if d["image"] else None
+    summary = {k: v for k, v in stats.items() if k != "counters"}
+    write_report(f"{root}/report.html", queries, summary)
 
 
 def stats_from_counters(c: dict[str, int], seconds: float) -> dict:
@@ -78,6 +190,7 @@ def finalize(output: str, stats: dict) -> None:
             fs.rm(f"{root}/{name}", recursive=True)
         if fs.exists(f"{staging}/{name}"):
             fs.mv(f"{staging}/{name}", f"{root}/{name}", recursive=True)
+    _render_report(fs, root, stats)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     with fs.open(f"{root}/stats.json.tmp", "w") as f:

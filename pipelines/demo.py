@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def demo_build_flags() -> list[str]:
     """Build settings sized for the demo corpus (the defaults are CM3Leon's full-size ones)."""
-    return []
+    return ["--clip_model", "demo", "--embed_batch_size", "128"]
 
 
 if __name__ == "__main__":

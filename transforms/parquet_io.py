@@ -23,8 +23,13 @@ def write_table(path: str, table: pa.Table) -> None:
     fs, target = fsspec.core.url_to_fs(path)
     fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     tmp = target + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+    # store_schema=False: pyarrow cannot read back a null fixed-size list from its own stored
+    # schema (apache/arrow#35692); the types come back from the artifact schema on read instead,
+    # and the artifact name and version travel as plain key-value metadata.
+    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, table.schema, compression="zstd", store_schema=False) as w:
+        w.write_table(table)
+        if table.schema.metadata:
+            w.add_key_value_metadata(table.schema.metadata)
     fs.mv(tmp, target)
 
 
@@ -35,10 +40,12 @@ def read_table(path: str, schema: pa.Schema) -> pa.Table:
 
     fs, root = fsspec.core.url_to_fs(path)
     files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if fs.exists(root) else []
-    tables = [pq.read_table(fs.open(f, "rb")) for f in files]
-    for f, t in zip(files, tables, strict=True):
-        if not t.schema.equals(schema, check_metadata=False):
-            raise ValueError(f"{f} does not match the {schema.metadata.get(b'cm3corpus.artifact')} schema")
+    tables = []
+    for f in files:
+        table = pq.read_table(fs.open(f, "rb"))
+        if table.schema.names != schema.names:
+            raise ValueError(f"{f} has columns {table.schema.names}, the artifact schema {schema.names}")
+        tables.append(table.cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
