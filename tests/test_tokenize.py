@@ -1,0 +1,180 @@
+"""Text BPE and patch-VQ image tokenizers: exact round trips, determinism, safe files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from schemas.vocab import Vocab
+from transforms.tokenize import (
+    IMAGE_TOKENIZER_FILE,
+    TEXT_TOKENIZER_FILE,
+    VOCAB_FILE,
+    ImageTokenizer,
+    PatchVQTokenizer,
+    build_vocab,
+    decode_image,
+    decode_text,
+    encode_caption,
+    encode_image,
+    fit_patch_vq,
+    fit_text_tokenizer,
+    load_image_tokenizer,
+    load_tokenizers,
+    psnr,
+    write_tokenizers,
+)
+
+CAPTIONS = sorted(
+    f"a {size} {colour} {shape} on a {bg} background"
+    for size in ("small", "large")
+    for colour in ("red", "green", "blue")
+    for shape in ("circle", "square", "triangle")
+    for bg in ("white", "grey")
+)
+
+_COLOURS = ((220, 40, 40), (40, 160, 60), (40, 60, 220), (230, 200, 40), (160, 60, 200))
+
+
+def shapes(n: int, seed: int, size: int = 64) -> list[Image.Image]:
+    """Simple drawn scenes: two filled circles/squares/triangles on a light background."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(180, 256, 3)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(2):
+            x, y = (int(v) for v in rng.integers(4, size - 24, 2))
+            r = int(rng.integers(8, 20))
+            colour = _COLOURS[int(rng.integers(len(_COLOURS)))]
+            kind = int(rng.integers(3))
+            if kind == 0:
+                draw.ellipse([x, y, x + r, y + r], fill=colour)
+            elif kind == 1:
+                draw.rectangle([x, y, x + r, y + r], fill=colour)
+            else:
+                draw.polygon([(x, y + r), (x + r, y + r), (x + r // 2, y)], fill=colour)
+        out.append(im)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    return fit_text_tokenizer(CAPTIONS, 300)
+
+
+@pytest.fixture(scope="module")
+def image_tok():
+    return fit_patch_vq(shapes(24, seed=0), codebook_size=128, image_size=64, patch_size=4, seed=0, niter=10)
+
+
+@pytest.mark.parametrize(
+    "caption",
+    ["a small red circle on a white background", "  Héllo\n\tWÖRLD 🙂 ", "日本語", "", "x  y   ", "<eod> <break>"],
+)
+def test_caption_round_trip_is_exact(text_tok, caption):
+    vocab = build_vocab(text_tok, PatchVQTokenizer(np.zeros((4, 48), np.uint8), 16, 4), num_sentinels=4)
+    ids = encode_caption(text_tok, vocab, caption)
+    assert all(vocab.text_start <= i < vocab.image_start for i in ids)
+    assert decode_text(text_tok, vocab, ids) == caption
+
+
+def test_text_tokenizer_has_no_specials_and_learns_merges(text_tok):
+    assert text_tok.get_added_tokens_decoder() == {}
+    assert 256 < text_tok.get_vocab_size() <= 300
+    assert len(text_tok.encode("a small red circle").ids) < len("a small red circle")
+
+
+def test_text_fit_is_deterministic_across_processes():
+    script = (
+        "import hashlib; from transforms.tokenize import fit_text_tokenizer; "
+        f"t = fit_text_tokenizer({CAPTIONS!r}, 300); print(hashlib.sha256(t.to_str().encode()).hexdigest())"
+    )
+    runs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(runs) == 1
+
+
+def test_decode_text_rejects_non_text_ids(text_tok, image_tok):
+    vocab = build_vocab(text_tok, image_tok, num_sentinels=2)
+    with pytest.raises(ValueError):
+        decode_text(text_tok, vocab, [vocab.image_start])
+
+
+def test_image_round_trip_within_psnr(image_tok):
+    held_out = shapes(8, seed=1)
+    codes = image_tok.encode(held_out)
+    assert codes.shape == (8, 256) and codes.dtype == np.int32
+    assert 0 <= codes.min() and codes.max() < image_tok.num_codes
+    decoded = image_tok.decode(codes)
+    scores = [psnr(np.asarray(a), np.asarray(b)) for a, b in zip(held_out, decoded, strict=True)]
+    # Measured: mean 25.4 dB, min 23.3 dB (128 codes, 4px patches, held-out 64px scenes).
+    assert min(scores) > 21.0, scores
+
+
+def test_image_ids_round_trip_through_vocab(text_tok, image_tok):
+    vocab = build_vocab(text_tok, image_tok, num_sentinels=2)
+    image = shapes(1, seed=3)[0]
+    ids = encode_image(image_tok, vocab, image)
+    assert len(ids) == vocab.tokens_per_image == 256
+    assert all(vocab.image_start <= i < vocab.size for i in ids)
+    assert psnr(np.asarray(decode_image(image_tok, vocab, ids)), np.asarray(image)) > 20.0
+    with pytest.raises(ValueError):
+        decode_image(image_tok, vocab, ids[:-1])
+
+
+def test_encode_is_exact_nearest_code(image_tok):
+    patches = image_tok.patches(shapes(1, seed=5)[0])
+    dist = ((patches[:, None, :].astype(np.int64) - image_tok.codebook[None].astype(np.int64)) ** 2).sum(-1)
+    assert np.array_equal(image_tok.nearest(patches), dist.argmin(1))
+
+
+def test_patch_vq_fit_is_seeded():
+    images = shapes(6, seed=0)
+    a = fit_patch_vq(images, 32, 32, 8, seed=1, niter=5)
+    b = fit_patch_vq(images, 32, 32, 8, seed=1, niter=5)
+    assert np.array_equal(a.codebook, b.codebook)
+    assert isinstance(a, ImageTokenizer)
+
+
+def test_fit_with_fewer_patches_than_codes():
+    tok = fit_patch_vq(shapes(1, seed=0), codebook_size=64, image_size=16, patch_size=4, seed=0, niter=2)
+    assert tok.num_codes == 64 and tok.tokens_per_image == 16
+
+
+def test_files_round_trip_byte_identical_and_pickle_free(tmp_path, text_tok, image_tok):
+    vocab = build_vocab(text_tok, image_tok, num_sentinels=8)
+    write_tokenizers(str(tmp_path / "a"), text_tok, image_tok, vocab)
+    write_tokenizers(str(tmp_path / "b"), text_tok, image_tok, vocab)
+    for name in (TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE, VOCAB_FILE):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with zipfile.ZipFile(tmp_path / "a" / IMAGE_TOKENIZER_FILE) as z:
+        for name in z.namelist():
+            arr = np.load(z.open(name), allow_pickle=False)  # raises on any object array
+            assert arr.dtype != object
+    t2, i2, v2 = load_tokenizers(str(tmp_path / "a"))
+    assert v2 == vocab == Vocab.from_json((tmp_path / "a" / VOCAB_FILE).read_text())
+    assert np.array_equal(i2.codebook, image_tok.codebook)
+    caption = CAPTIONS[3]
+    assert encode_caption(t2, v2, caption) == encode_caption(text_tok, vocab, caption)
+    assert list(tmp_path.glob("a/*tmp*")) == []
+
+
+def test_load_image_tokenizer_rejects_unknown_kind(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, kind=np.array("vqgan-nope"))
+    with pytest.raises(ValueError, match="unknown image tokenizer kind"):
+        load_image_tokenizer(str(path))
+
+
+def test_psnr():
+    a = np.zeros((4, 4, 3), np.uint8)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 255) == pytest.approx(0.0)

@@ -1,0 +1,397 @@
+"""Text and image tokenizers, and the one global id space they share (`schemas.vocab.Vocab`).
+
+Text: byte-level BPE (HF `tokenizers`), fitted on the captions in the order given (the pipeline
+feeds them sorted by key, so a rerun fits the same merges). It holds no special tokens: the
+specials (`<eod>`, `<break>`, sentinels, ...) live in `Vocab`, and byte-level pre-tokenisation
+with no normaliser makes `decode(encode(caption)) == caption` for every string.
+
+Images: any `ImageTokenizer` (a small protocol, so a pretrained VQ-GAN can sit behind it later,
+loaded by its `kind`). The built-in `PatchVQTokenizer` is a vector quantiser over raw RGB patches:
+k-means (faiss) on a sample of patches; its codebook is stored as uint8 pixels, which makes the
+nearest-code search exact integer arithmetic and so the same codes on every machine.
+
+Nothing here is ever pickled: the image tokenizer is an `.npz` that loads with
+`allow_pickle=False`, and the text tokenizer is HF's JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from schemas.vocab import Vocab
+from transforms.rng import rng_for
+
+if TYPE_CHECKING:
+    import tokenizers
+    from PIL import Image
+
+TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+IMAGE_TOKENIZER_FILE = "image_tokenizer.npz"
+VOCAB_FILE = "vocab.json"
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp, fixed so saved tokenizers are byte-identical
+
+
+# --------------------------------------------------------------------------------------- files
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` (any fsspec URL) under a temporary name, then rename it into place."""
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    parent = target.rsplit("/", 1)[0] if "/" in target else "."
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, target)
+
+
+def _read_bytes(path: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def _save_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed `.npz` with fixed member order and timestamps (np.savez stamps the clock)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            z.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def _load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+# ---------------------------------------------------------------------------------------- text
+
+
+def fit_text_tokenizer(captions: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """Fit a byte-level BPE tokenizer with no special tokens and no normalisation.
+
+    The result depends only on the captions and their order. Its vocabulary has at least the 256
+    byte symbols, so `vocab_size` below that still yields 256 entries.
+
+    Args:
+        captions: training text, in a deterministic order (the pipeline sorts by key).
+        vocab_size: target number of entries (CM3Leon: 56,320).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # No normaliser, no prefix space, no trimming: decode(encode(x)) must give x back byte for byte.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, even unseen ones
+        show_progress=False,
+    )
+    tok.train_from_iterator(captions, trainer=trainer)
+    return tok
+
+
+def load_text_tokenizer(path: str) -> tokenizers.Tokenizer:
+    """Load a `tokenizer.json` (HF tokenizers format) from a local path or fsspec URL."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_read_bytes(path).decode("utf-8"))
+
+
+def encode_caption(text_tok: tokenizers.Tokenizer, vocab: Vocab, caption: str) -> list[int]:
+    """Caption → global text ids (`vocab.text_start + local id`), no specials added."""
+    local = text_tok.encode(caption, add_special_tokens=False).ids
+    return [vocab.text_start + t for t in local]
+
+
+def decode_text(text_tok: tokenizers.Tokenizer, vocab: Vocab, ids: Sequence[int]) -> str:
+    """Global text ids → the string; raises ValueError on an id outside the text range."""
+    local = np.asarray(ids, dtype=np.int64) - vocab.text_start
+    if local.size and (local.min() < 0 or local.max() >= vocab.text_size):
+        raise ValueError("decode_text got ids outside the text range")
+    return text_tok.decode(local.tolist(), skip_special_tokens=False)
+
+
+# --------------------------------------------------------------------------------------- image
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    """Images ↔ fixed-length grids of codes. Implementations also carry a class-level `kind`."""
+
+    @property
+    def tokens_per_image(self) -> int: ...
+
+    @property
+    def num_codes(self) -> int: ...
+
+    def encode(self, images: list[Image.Image]) -> np.ndarray:
+        """Images → (N, tokens_per_image) int32 codes in [0, num_codes)."""
+        ...
+
+    def decode(self, codes: np.ndarray) -> list[Image.Image]:
+        """(N, tokens_per_image) codes → N RGB images."""
+        ...
+
+    def save(self, path: str) -> None: ...
+
+
+def _to_square_rgb(image: Image.Image, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def psnr(a: np.ndarray | Image.Image, b: np.ndarray | Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB of two 8-bit images of the same shape (inf when equal)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"psnr of different shapes {x.shape} and {y.shape}")
+    mse = float(np.mean((x - y) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+class PatchVQTokenizer:
+    """Vector quantiser of raw RGB patches: one code per `patch_size` square of the resized image.
+
+    Args:
+        codebook: (num_codes, patch_size * patch_size * 3) uint8, each row a patch in HWC order.
+        image_size: side images are resized to (square, RGB).
+        patch_size: side of one patch; divides `image_size`.
+    """
+
+    kind = "patch_vq"
+
+    def __init__(self, codebook: np.ndarray, image_size: int, patch_size: int):
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+        codebook = np.ascontiguousarray(codebook, dtype=np.uint8)
+        if codebook.ndim != 2 or codebook.shape[1] != patch_size * patch_size * 3:
+            raise ValueError(f"codebook shape {codebook.shape} does not fit {patch_size}px RGB patches")
+        self.codebook = codebook
+        self.image_size = image_size
+        self.patch_size = patch_size
+        # |c|^2 of each code, exact in float64 (integer pixels).
+        self._code_norms = np.sum(codebook.astype(np.float64) ** 2, axis=1)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.codebook.shape[0])
+
+    def patches(self, image: Image.Image) -> np.ndarray:
+        """One image → (tokens_per_image, patch_dim) uint8 patches, row-major over the grid."""
+        g, p = self.grid, self.patch_size
+        pixels = _to_square_rgb(image, self.image_size)  # (S, S, 3)
+        return pixels.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
+
+    def nearest(self, patches: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """(M, patch_dim) uint8 patches → (M,) int32 nearest codes (ties go to the lowest code)."""
+        out = np.empty(len(patches), dtype=np.int32)
+        codes_t = self.codebook.astype(np.float64).T
+        for start in range(0, len(patches), chunk):
+            x = patches[start : start + chunk].astype(np.float64)
+            # |x - c|^2 - |x|^2; all terms are integers below 2^53, so any BLAS sums them exactly and
+            # every machine picks the same code.
+            dist = self._code_norms[None, :] - 2.0 * (x @ codes_t)
+            out[start : start + chunk] = np.argmin(dist, axis=1)
+        return out
+
+    def encode(self, images: list[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.tokens_per_image), dtype=np.int32)
+        patches = np.concatenate([self.patches(im) for im in images])
+        return self.nearest(patches).reshape(len(images), self.tokens_per_image)
+
+    def decode(self, codes: np.ndarray) -> list[Image.Image]:
+        from PIL import Image
+
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.tokens_per_image)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.num_codes):
+            raise ValueError("image codes out of range")
+        g, p = self.grid, self.patch_size
+        pix = self.codebook[codes].reshape(-1, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        pix = pix.reshape(-1, self.image_size, self.image_size, 3)
+        return [Image.fromarray(np.ascontiguousarray(im), mode="RGB") for im in pix]
+
+    def to_bytes(self) -> bytes:
+        return _save_npz(
+            {
+                "kind": np.array(self.kind),
+                "codebook": self.codebook,
+                "image_size": np.array(self.image_size, dtype=np.int64),
+                "patch_size": np.array(self.patch_size, dtype=np.int64),
+            }
+        )
+
+    def save(self, path: str) -> None:
+        _write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PatchVQTokenizer:
+        return cls(arrays["codebook"], int(arrays["image_size"]), int(arrays["patch_size"]))
+
+
+def fit_patch_vq(
+    images: Sequence[Image.Image],
+    codebook_size: int,
+    image_size: int,
+    patch_size: int,
+    seed: int,
+    max_patches: int = 262_144,
+    niter: int = 20,
+) -> PatchVQTokenizer:
+    """Fit a `PatchVQTokenizer` with seeded faiss k-means on a sample of the images' patches.
+
+    Each image gives an equal share of `max_patches` patches (positions drawn from `seed`), so the
+    sample is spread over the images and bounded in memory.
+
+    Args:
+        images: the training images, in a deterministic order.
+        codebook_size: number of codes (CM3Leon: 8192).
+        image_size: side images are resized to.
+        patch_size: side of a patch; one token per patch.
+        seed: seeds the patch sample and k-means.
+        max_patches: patches fed to k-means at most.
+        niter: k-means iterations.
+    """
+    import faiss
+
+    if not images:
+        raise ValueError("fit_patch_vq needs at least one image")
+    # A throwaway tokenizer only to cut patches the same way encoding will.
+    cutter = PatchVQTokenizer(np.zeros((1, patch_size * patch_size * 3), np.uint8), image_size, patch_size)
+    per_image = max(1, math.ceil(max_patches / len(images)))
+    rng = rng_for(seed, "", "patch_vq_sample")
+    sample = []
+    for image in images:
+        patches = cutter.patches(image)
+        if per_image < len(patches):
+            patches = patches[np.sort(rng.choice(len(patches), size=per_image, replace=False))]
+        sample.append(patches)
+    x = np.concatenate(sample).astype(np.float32)
+    if len(x) < codebook_size:
+        # k-means needs a point per centroid; repeats let it run, and duplicate codes cost only range.
+        x = np.tile(x, (math.ceil(codebook_size / len(x)), 1))
+    kmeans = faiss.Kmeans(x.shape[1], codebook_size, niter=niter, seed=seed, verbose=False)
+    kmeans.train(x)
+    codebook = np.clip(np.rint(kmeans.centroids), 0, 255).astype(np.uint8)
+    return PatchVQTokenizer(codebook, image_size, patch_size)
+
+
+# Loaders by `kind`; a pretrained VQ-GAN registers its own here.
+_IMAGE_TOKENIZER_LOADERS: dict[str, Callable[[dict[str, np.ndarray]], ImageTokenizer]] = {
+    PatchVQTokenizer.kind: PatchVQTokenizer.from_arrays,
+}
+
+
+def register_image_tokenizer(kind: str, from_arrays: Callable[[dict[str, np.ndarray]], ImageTokenizer]) -> None:
+    """Let `load_image_tokenizer` open `.npz` files whose `kind` array is `kind`."""
+    _IMAGE_TOKENIZER_LOADERS[kind] = from_arrays
+
+
+def load_image_tokenizer(path: str) -> ImageTokenizer:
+    """Load an image tokenizer `.npz` (never unpickled), dispatching on its `kind` field."""
+    arrays = _load_npz(_read_bytes(path))
+    if "kind" not in arrays:
+        raise ValueError(f"{path} has no 'kind' field; not an image tokenizer file")
+    kind = str(arrays["kind"])
+    if kind not in _IMAGE_TOKENIZER_LOADERS:
+        raise ValueError(f"unknown image tokenizer kind {kind!r} in {path}; known: {sorted(_IMAGE_TOKENIZER_LOADERS)}")
+    return _IMAGE_TOKENIZER_LOADERS[kind](arrays)
+
+
+def encode_image(image_tok: ImageTokenizer, vocab: Vocab, image: Image.Image) -> list[int]:
+    """One image → `tokens_per_image` global image ids (`vocab.image_start + code`)."""
+    codes = image_tok.encode([image])[0]
+    return (codes.astype(np.int64) + vocab.image_start).tolist()
+
+
+def decode_image(image_tok: ImageTokenizer, vocab: Vocab, ids: Sequence[int]) -> Image.Image:
+    """`tokens_per_image` global image ids → the decoded image; raises ValueError on a bad id or length."""
+    codes = np.asarray(ids, dtype=np.int64) - vocab.image_start
+    if codes.shape != (image_tok.tokens_per_image,):
+        raise ValueError(f"expected {image_tok.tokens_per_image} image ids, got {codes.shape[0]}")
+    if codes.min() < 0 or codes.max() >= vocab.image_codes:
+        raise ValueError("decode_image got ids outside the image range")
+    return image_tok.decode(codes[None, :])[0]
+
+
+# --------------------------------------------------------------------------------------- vocab
+
+
+def build_vocab(text_tok: tokenizers.Tokenizer, image_tok: ImageTokenizer, num_sentinels: int) -> Vocab:
+    """The corpus's id space: specials, `num_sentinels` sentinels, the text tokens, then the image codes."""
+    return Vocab(
+        num_sentinels=num_sentinels,
+        text_size=text_tok.get_vocab_size(with_added_tokens=True),
+        image_codes=image_tok.num_codes,
+        tokens_per_image=image_tok.tokens_per_image,
+    )
+
+
+def write_tokenizers(directory: str, text_tok: tokenizers.Tokenizer, image_tok: ImageTokenizer, vocab: Vocab) -> None:
+    """Write `text_tokenizer.json`, `image_tokenizer.npz` and `vocab.json` under `directory`."""
+    _write_bytes(f"{directory}/{TEXT_TOKENIZER_FILE}", text_tok.to_str(pretty=True).encode("utf-8"))
+    image_tok.save(f"{directory}/{IMAGE_TOKENIZER_FILE}")
+    _write_bytes(f"{directory}/{VOCAB_FILE}", vocab.to_json().encode("utf-8"))
+
+
+def load_tokenizers(directory: str) -> tuple[tokenizers.Tokenizer, ImageTokenizer, Vocab]:
+    """Read back what `write_tokenizers` wrote, checking that the three files agree."""
+    text_tok = load_text_tokenizer(f"{directory}/{TEXT_TOKENIZER_FILE}")
+    image_tok = load_image_tokenizer(f"{directory}/{IMAGE_TOKENIZER_FILE}")
+    vocab = Vocab.from_json(_read_bytes(f"{directory}/{VOCAB_FILE}").decode("utf-8"))
+    expected = build_vocab(text_tok, image_tok, vocab.num_sentinels)
+    if expected != vocab:
+        raise ValueError(f"{directory}/{VOCAB_FILE} does not match its tokenizers: {vocab} vs {expected}")
+    return text_tok, image_tok, vocab
+
+
+__all__ = [
+    "IMAGE_TOKENIZER_FILE",
+    "TEXT_TOKENIZER_FILE",
+    "VOCAB_FILE",
+    "ImageTokenizer",
+    "PatchVQTokenizer",
+    "build_vocab",
+    "decode_image",
+    "decode_text",
+    "encode_caption",
+    "encode_image",
+    "fit_patch_vq",
+    "fit_text_tokenizer",
+    "load_image_tokenizer",
+    "load_text_tokenizer",
+    "load_tokenizers",
+    "psnr",
+    "register_image_tokenizer",
+    "write_tokenizers",
+]
