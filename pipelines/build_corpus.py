@@ -13,12 +13,12 @@ import time
 from collections.abc import Sequence
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import BuildConfig, CorpusOptions
 from schemas import artifacts
 from schemas.records import Reject
+from transforms.assemble import JoinNeighbours
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
@@ -26,7 +26,7 @@ from transforms.rng import stable_hash
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
-ARTIFACTS = ("rejects", "embeddings", "memory_bank", "neighbours", "retrieval_counts")
+ARTIFACTS = ("rejects", "embeddings", "memory_bank", "neighbours", "retrieval_counts", "tokenizers", "shards")
 REPORT_SAMPLE = "report_sample.json"  # staged by the pipeline, rendered with the run's counts by finalize
 REPORT_QUERIES = 12
 
@@ -39,11 +39,6 @@ def _reject_sort_key(r: Reject) -> str:
     return f"{r.source}\x00{r.key}\x00{r.reason}"
 
 
-def _count_written(element):
-    Metrics.counter("write", "examples_written").inc()
-    return element
-
-
 def num_files(units: list[tuple[str, str]]) -> int:
     """Files per parquet artifact: grows with the input, fixed for a given input (so bytes repeat)."""
     return max(1, min(64, len(units)))
@@ -54,6 +49,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows
     from transforms.memory_bank import BuildMemoryBank
     from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
+    from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards
 
     staging, n = f"{cfg.output}/{STAGING}", num_files(units)
     dim = clip_embed_dim(cfg.clip_model)
@@ -71,8 +67,16 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours", n)
     retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts", n)
     examples | "ReportSample" >> ReportSample(f"{staging}/{REPORT_SAMPLE}", retrieved.neighbours)
-    embedded | "CountWritten" >> beam.Map(_count_written)
-    rejects = (read_rejects, embed_rejects) | "AllRejects" >> beam.Flatten()
+
+    sc = SequenceConfig.from_config(cfg)
+    tokenizers = examples | "FitTokenizers" >> FitTokenizers(f"{staging}/tokenizers", sc)
+    docs, token_rejects = examples | "TokenizeDocs" >> TokenizeDocs(tokenizers)
+    embedded_keys = embedded | "EmbeddedKeys" >> beam.Map(lambda e: (e.key, None))
+    joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys)
+    samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc)
+    samples | "WriteShards" >> WriteShards(f"{staging}/shards", cfg.shard_max_samples, cfg.shard_max_bytes)
+
+    rejects = (read_rejects, embed_rejects, token_rejects, sequence_rejects) | "AllRejects" >> beam.Flatten()
     rejects | "WriteRejects" >> WriteSortedParquet(
         f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, num_buckets=1, prefix="rejects"
     )

@@ -38,7 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def demo_build_flags() -> list[str]:
     """Build settings sized for the demo corpus (the defaults are CM3Leon's full-size ones)."""
-    return ["--clip_model", "demo", "--embed_batch_size", "128"]
+    return [
+        "--clip_model=demo",
+        "--embed_batch_size=128",
+        "--text_vocab_size=1024",
+        "--image_size=64",
+        "--image_patch_size=8",
+        "--image_codebook_size=256",
+        "--tokenizer_fit_images=512",
+        "--seq_len=512",
+        "--shard_max_samples=200",
+    ]
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ class CorpusOptions(PipelineOptions):
         a("--image_size", type=int, default=256, help="Side images are resized to before tokenizing.")
         a("--image_patch_size", type=int, default=8, help="Side of one image token's patch.")
         a("--seq_len", type=int, default=4096)
+        a("--neighbours_per_sequence", type=int, default=3, help="Retrieved documents placed before the query.")
+        a("--tokenizer_fit_captions", type=int, default=100_000, help="Captions the text BPE is fitted on at most.")
+        a("--tokenizer_fit_images", type=int, default=4096, help="Images the VQ codebook is fitted on at most.")
         a("--cm3_masking", default="causal", choices=["causal", "none"])
         a("--shard_max_samples", type=int, default=10_000)
         a("--shard_max_bytes", type=int, default=256 * 2**20)
@@ -97,6 +100,9 @@ class BuildConfig:
     image_size: int = 256  # images are resized to this square side
     image_patch_size: int = 8  # one token per patch
     seq_len: int = 4096  # training sequence length
+    neighbours_per_sequence: int = 3  # CM3Leon picks 3 of the 4 retrieved per training sequence
+    tokenizer_fit_captions: int = 100_000  # key-hash sample the BPE is fitted on
+    tokenizer_fit_images: int = 4096  # key-hash sample the VQ codebook is fitted on
     cm3_masking: str = "causal"  # causal | none
     shard_max_samples: int = 10_000  # shard rotation by count
     shard_max_bytes: int = 256 * 2**20  # shard rotation by size

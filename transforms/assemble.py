@@ -24,7 +24,7 @@ def _fetch(keyed):
 def _gather(keyed):
     key, grouped = keyed
     queries = list(grouped["query"])
-    if not queries:
+    if not queries or ("keep" in grouped and not list(grouped["keep"])):
         return
     neighbours = sorted(grouped["neighbours"], key=lambda nd: nd[0].rank)
     yield queries[0], [(n, doc) for n, doc in neighbours]
@@ -37,22 +37,23 @@ class JoinNeighbours(beam.PTransform):
 
     Args:
         neighbours: PCollection[Neighbour].
+        keep: optional PCollection of (key, anything): only these keys come out as queries (the
+            examples that got through every earlier stage).
     """
 
-    def __init__(self, neighbours):
+    def __init__(self, neighbours, keep=None):
         super().__init__()
-        self._neighbours = neighbours
+        self._neighbours, self._keep = neighbours, keep
 
     def expand(self, docs):
         by_doc = self._neighbours | "ByDocKey" >> beam.Map(lambda n: (n.doc_key, n))
         fetched = (
             {"doc": docs, "wanted": by_doc} | "FetchDocs" >> beam.CoGroupByKey() | "ToQuery" >> beam.FlatMap(_fetch)
         )
-        return (
-            {"query": docs, "neighbours": fetched}
-            | "GatherByQuery" >> beam.CoGroupByKey()
-            | "Ordered" >> beam.FlatMap(_gather)
-        )
+        inputs = {"query": docs, "neighbours": fetched}
+        if self._keep is not None:
+            inputs["keep"] = self._keep
+        return inputs | "GatherByQuery" >> beam.CoGroupByKey() | "Ordered" >> beam.FlatMap(_gather)
 
 
 __all__ = ["JoinNeighbours", "Neighbour", "TokenizedDoc"]

@@ -1,0 +1,307 @@
+"""The Beam side of tokenizing, CM3 layout and sharding (the pure pieces live in tokenize.py, cm3.py, shards.py).
+
+- `FitTokenizers`: the second global step. The text BPE is fitted on a bounded, key-hash-chosen
+  sample of captions sorted by key, the image codebook on a bounded sample of images, so the fit
+  is the same whatever the runner; or both are loaded. Writes `tokenizers/` and yields its path.
+- `TokenizeDocs`: Example → (key, TokenizedDoc), tokenizers loaded once per worker.
+- `BuildSequences`: query + joined neighbours → CM3 layout, neighbour pick, causal masking → ShardSample.
+- `WriteShards`: count and size → number of shards (side input) → key-hash buckets → sorted tars + manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from schemas.records import Example, Reject, TokenizedDoc
+from transforms import progress
+from transforms.rng import rng_for, stable_hash
+from transforms.validate import describe_error
+
+FAILED = "failed"
+NUM_SENTINELS = 8  # P(Poisson(1) >= 8) ~ 1e-5: more spans than this are never drawn in practice
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """The tokenizer and layout settings, taken from BuildConfig."""
+
+    text_tokenizer: str | None  # tokenizer.json to load, or None to fit
+    text_vocab_size: int  # BPE entries when fitting
+    image_tokenizer: str | None  # image tokenizer file to load, or None to fit
+    image_codebook_size: int  # VQ codes when fitting
+    image_size: int  # square side images are resized to
+    image_patch_size: int  # one token per patch
+    seq_len: int  # tokens per training sequence at most
+    cm3_masking: str  # causal | none
+    neighbours_per_sequence: int  # retrieved documents placed before the query (CM3Leon: 3 of 4)
+    fit_captions: int  # captions the BPE is fitted on at most
+    fit_images: int  # images the codebook is fitted on at most
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg) -> SequenceConfig:
+        return cls(
+            cfg.text_tokenizer,
+            cfg.text_vocab_size,
+            cfg.image_tokenizer,
+            cfg.image_codebook_size,
+            cfg.image_size,
+            cfg.image_patch_size,
+            cfg.seq_len,
+            cfg.cm3_masking,
+            cfg.neighbours_per_sequence,
+            cfg.tokenizer_fit_captions,
+            cfg.tokenizer_fit_images,
+            cfg.seed,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting (or loading) the tokenizers: one worker, bounded samples.
+
+
+def _decode_rgb(data: bytes):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
+    from transforms.tokenize import (
+        build_vocab,
+        fit_patch_vq,
+        fit_text_tokenizer,
+        load_image_tokenizer,
+        load_text_tokenizer,
+        write_tokenizers,
+    )
+
+    if sc.text_tokenizer:
+        text_tok = load_text_tokenizer(sc.text_tokenizer)
+    else:
+        text_tok = fit_text_tokenizer([c for _, c in sorted(captions)], sc.text_vocab_size)
+    if sc.image_tokenizer:
+        image_tok = load_image_tokenizer(sc.image_tokenizer)
+    else:
+        if not images:
+            raise ValueError("no images to fit the image tokenizer on; pass --image_tokenizer")
+        pictures = [_decode_rgb(b) for _, b in sorted(images)]
+        image_tok = fit_patch_vq(pictures, sc.image_codebook_size, sc.image_size, sc.image_patch_size, sc.seed)
+    write_tokenizers(directory, text_tok, image_tok, build_vocab(text_tok, image_tok, NUM_SENTINELS))
+    return directory
+
+
+def _hash_of_pair(pair) -> int:
+    return stable_hash(pair[0])
+
+
+class FitTokenizers(beam.PTransform):
+    """PCollection[Example] → one-element PCollection with the `tokenizers/` directory.
+
+    Args:
+        directory: where `text_tokenizer.json`, the image tokenizer and `vocab.json` go.
+        sc: the sequence settings.
+    """
+
+    def __init__(self, directory: str, sc: SequenceConfig):
+        super().__init__()
+        self._directory, self._sc = directory, sc
+
+    def expand(self, examples):
+        sc = self._sc
+        captions = (
+            examples
+            | "Captions" >> beam.FlatMap(lambda e: [(e.key, e.caption)] if e.caption else [])
+            | "CaptionSample" >> beam.combiners.Top.Of(sc.fit_captions, key=_hash_of_pair, reverse=True)
+        )
+        images = (
+            examples
+            | "Images" >> beam.FlatMap(lambda e: [(e.key, e.image)] if e.image is not None else [])
+            | "ImageSample" >> beam.combiners.Top.Of(sc.fit_images, key=_hash_of_pair, reverse=True)
+        )
+        return (
+            examples.pipeline
+            | "Directory" >> beam.Create([self._directory])
+            | "Fit" >> beam.Map(_fit_and_write, beam.pvalue.AsSingleton(captions), beam.pvalue.AsSingleton(images), sc)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing documents, with the tokenizers loaded once per worker process.
+
+_loaded: dict[str, tuple] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_once(directory: str) -> tuple:
+    """(text tokenizer, image tokenizer, vocab) of `directory`, loaded once per process."""
+    from transforms.tokenize import load_tokenizers
+
+    with _loaded_lock:
+        if directory not in _loaded:
+            _loaded[directory] = load_tokenizers(directory)
+        return _loaded[directory]
+
+
+class _TokenizeDoc(beam.DoFn):
+    def process(self, example: Example, directory: str):
+        from transforms.tokenize import encode_caption, encode_image
+
+        text_tok, image_tok, vocab = load_once(directory)
+        try:
+            text = np.asarray(encode_caption(text_tok, vocab, example.caption), np.int32) if example.caption else None
+            image = None
+            if example.image is not None:
+                image = np.asarray(encode_image(image_tok, vocab, _decode_rgb(example.image)), np.int32)
+        except Exception as e:  # a document that cannot be tokenized is rejected, not fatal
+            Metrics.counter("rejected", "stage_error").inc()
+            yield beam.pvalue.TaggedOutput(
+                FAILED, Reject(example.key, example.source, "stage_error", f"tokenize: {describe_error(e)}")
+            )
+            return
+        progress.note("tokenized")
+        yield example.key, TokenizedDoc(example.key, example.modality, text, image)
+
+
+class TokenizeDocs(beam.PTransform):
+    """PCollection[Example] → ((key, TokenizedDoc) pairs, Rejects), given the tokenizers directory."""
+
+    def __init__(self, tokenizers_dir):
+        super().__init__()
+        self._dir = tokenizers_dir
+
+    def expand(self, examples):
+        side = beam.pvalue.AsSingleton(self._dir)
+        out = examples | "Tokenize" >> beam.ParDo(_TokenizeDoc(), side).with_outputs(FAILED, main="docs")
+        return out.docs, out[FAILED]
+
+
+# ---------------------------------------------------------------------------------------------
+# CM3 sequences.
+
+
+def pick_neighbours(pairs: list, k: int, seed: int, key: str) -> list:
+    """CM3Leon's training-time pick: k of the retrieved documents, chosen by (seed, key), rank order kept."""
+    if len(pairs) <= k:
+        return pairs
+    chosen = sorted(rng_for(seed, key, "pick_neighbours").choice(len(pairs), size=k, replace=False).tolist())
+    return [pairs[i] for i in chosen]
+
+
+def make_sample(query: TokenizedDoc, pairs: list, sc: SequenceConfig, vocab):
+    """One ShardSample: picked neighbours first (rank order), the query last, masked per CM3."""
+    from transforms.cm3 import cm3_sequence
+    from transforms.shards import ShardSample
+
+    picked = pick_neighbours(pairs, sc.neighbours_per_sequence, sc.seed, query.key)
+    docs = [doc for _, doc in picked]
+    masked = cm3_sequence(docs, query, vocab, sc.seq_len, sc.seed, query.key, sc.cm3_masking)
+    lay = masked.layout
+    meta = {
+        "query_key": query.key,
+        "query_modality": query.modality,
+        "neighbour_keys": [n.doc_key for n, _ in picked],
+        "neighbour_via": [n.via for n, _ in picked],
+        "neighbour_scores": [round(float(n.score), 6) for n, _ in picked],
+        "retrieved_keys": [n.doc_key for n, _ in pairs],
+        "dropped_for_length": [picked[i][0].doc_key for i in lay.dropped],
+        "query_text_cut": lay.query_text_cut,
+        "query_image_cut": lay.query_image_cut,
+        "segments": [[s.start, s.stop, s.kind, s.doc_index] for s in lay.segments],
+        "masked_spans": [[s.start, s.stop, s.segment] for s in masked.spans],
+        "masking": sc.cm3_masking,
+        "seq_len": sc.seq_len,
+    }
+    return ShardSample(query.key, masked.tokens.astype(np.int32), meta)
+
+
+class _BuildSequence(beam.DoFn):
+    def __init__(self, sc: SequenceConfig):
+        self._sc = sc
+
+    def process(self, joined, directory: str):
+        query, pairs = joined
+        _, _, vocab = load_once(directory)
+        try:
+            sample = make_sample(query, pairs, self._sc, vocab)
+        except Exception as e:
+            Metrics.counter("rejected", "stage_error").inc()
+            yield beam.pvalue.TaggedOutput(FAILED, Reject(query.key, "", "stage_error", f"layout: {describe_error(e)}"))
+            return
+        Metrics.distribution("sequences", "tokens").update(len(sample.tokens))
+        if sample.json["dropped_for_length"]:
+            Metrics.counter("sequences", "neighbours_dropped_for_length").inc(len(sample.json["dropped_for_length"]))
+        yield sample
+
+
+class BuildSequences(beam.PTransform):
+    """(query, [(Neighbour, doc)]) pairs → (ShardSamples, Rejects)."""
+
+    def __init__(self, tokenizers_dir, sc: SequenceConfig):
+        super().__init__()
+        self._dir, self._sc = tokenizers_dir, sc
+
+    def expand(self, joined):
+        side = beam.pvalue.AsSingleton(self._dir)
+        out = joined | "Sequence" >> beam.ParDo(_BuildSequence(self._sc), side).with_outputs(FAILED, main="samples")
+        return out.samples, out[FAILED]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards.
+
+
+def _size(sample) -> tuple[int, int]:
+    from transforms.shards import sample_nbytes
+
+    return 1, sample_nbytes(sample)
+
+
+def _sum_pairs(pairs) -> tuple[int, int]:
+    pairs = list(pairs)
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+def _write_bucket(keyed, directory: str, max_samples: int, max_bytes: int) -> list:
+    from transforms.shards import write_bucket
+
+    bucket, samples = keyed
+    rows = write_bucket(directory, bucket, list(samples), max_samples, max_bytes)
+    Metrics.counter("write", "examples_written").inc(sum(r.samples for r in rows))
+    Metrics.counter("write", "shards").inc(len(rows))
+    return rows
+
+
+def _write_manifest(rows, directory: str) -> str:
+    from transforms.shards import write_manifest
+
+    write_manifest(directory, sorted(rows, key=lambda r: r.shard))
+    return directory
+
+
+class WriteShards(beam.PTransform):
+    """ShardSamples → `shards/cm3-BBBBBB.tar` + manifest; the shard of a sample follows from its key."""
+
+    def __init__(self, directory: str, max_samples: int, max_bytes: int):
+        super().__init__()
+        self._directory, self._max_samples, self._max_bytes = directory, max_samples, max_bytes
+
+    def expand(self, samples):
+        from transforms.shards import num_shards_for, shard_of
+
+        totals = samples | "Sizes" >> beam.Map(_size) | "Total" >> beam.CombineGlobally(_sum_pairs)
+        n = totals | "NumShards" >> beam.Map(lambda t: num_shards_for(t[0], t[1], self._max_samples, self._max_bytes))
+        rows = (
+            samples
+            | "ByShard" >> beam.Map(lambda s, k: (shard_of(s.key, k), s), beam.pvalue.AsSingleton(n))
+            | "Group" >> beam.GroupByKey()
+            | "Write" >> beam.FlatMap(_write_bucket, self._directory, self._max_samples, self._max_bytes)
+        )
+        return rows | "Rows" >> beam.combiners.ToList() | "Manifest" >> beam.Map(_write_manifest, self._directory)
