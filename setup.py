@@ -31,7 +31,7 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "duckdb>=0.10"],
+        "test": ["pytest>=7", "ruff>=0.5", "duckdb>=0.10", "pandas>=2"],
     },
     entry_points={"console_scripts": ["cm3corpus=pipelines.cli:main"]},
 )

@@ -216,3 +216,18 @@ def test_retrieve_transform_and_writers_round_trip(bank_dir, tmp_path):
     counts = pq.read_table(out / "retrieval_counts" / "counts-00000-of-00001.parquet")
     assert counts.schema.equals(RETRIEVAL_COUNTS, check_metadata=False)
     assert counts.column("query_key").to_pylist() == sorted(counts.column("query_key").to_pylist())
+
+
+def test_near_duplicate_of_the_query_document_is_skipped_even_when_the_query_scores_it_low():
+    # An image query scores an image+text near-duplicate low (its vector mixes in the caption), but
+    # the candidate's document vector is almost the query's own document vector.
+    query_doc = unit(3)
+    near = 0.98 * unit(3) + 0.2 * unit(4)
+    near = near / np.linalg.norm(near)
+    c = cands((3, 0.6, "near", IMAGE_TEXT, near), (5, 0.5, "other", IMAGE_TEXT))
+    ns, (counts,) = select_neighbours("q", {"image": c}, RULES, query_doc)
+    assert picked(ns) == [("other", "image")]
+    assert counts.skipped_too_similar == 1
+    assert_adds_up(counts)
+    ns_without, _ = select_neighbours("q", {"image": c}, RULES)  # the score alone lets it through
+    assert ("near", "image") in picked(ns_without)

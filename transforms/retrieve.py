@@ -5,6 +5,11 @@ via in score order; every candidate ends in exactly one count of `RETRIEVAL_COUN
 
 1. self: the query's own document (same key) is skipped.
 2. too similar: a score above `max_similarity` (0.9) is a near-duplicate of the query; skipped.
+   The same threshold applies to the candidate's document embedding against the query's own
+   document embedding: an image query scores an image+text near-duplicate well below 0.9 (the
+   candidate's vector mixes in its caption), so the score alone lets near-duplicates through. On
+   the demo corpus the score rule alone let 27 of 50 near-duplicate pairs be selected; with the
+   document check none are.
 3. already selected: a document already picked for this query (e.g. by the image query, now found
    by the text query) counts once.
 4. modality: image+text documents come first. A single-modality candidate that passed rules 1-3 is
@@ -128,7 +133,14 @@ def _too_close(vec: np.ndarray, chosen: list[np.ndarray], threshold: float) -> b
 
 
 def _select_via(
-    query_key: str, via: str, c: Candidates, quota: int, rules: RetrievalRules, chosen_ids: set, chosen_vecs: list
+    query_key: str,
+    via: str,
+    c: Candidates,
+    quota: int,
+    rules: RetrievalRules,
+    chosen_ids: set,
+    chosen_vecs: list,
+    query_doc: np.ndarray | None = None,
 ) -> tuple[list[int], RetrievalCounts]:
     """Pick up to `quota` candidate positions of one via; updates chosen_ids / chosen_vecs."""
     counts = RetrievalCounts(query_key, via, candidates=len(c.ids))
@@ -141,7 +153,7 @@ def _select_via(
         doc = ids[i]
         if keys[doc] == query_key:
             counts.skipped_self += 1
-        elif scores[i] > max_similarity:
+        elif scores[i] > max_similarity or (query_doc is not None and vectors[doc].dot(query_doc) > max_similarity):
             counts.skipped_too_similar += 1
         elif doc in chosen_ids:
             counts.skipped_already_selected += 1
@@ -176,7 +188,7 @@ def _select_via(
 
 
 def select_neighbours(
-    query_key: str, candidates: Mapping[str, Candidates], rules: RetrievalRules
+    query_key: str, candidates: Mapping[str, Candidates], rules: RetrievalRules, query_doc: np.ndarray | None = None
 ) -> tuple[list[Neighbour], list[RetrievalCounts]]:
     """Apply the selection rules (module docstring) to one example's candidates.
 
@@ -185,6 +197,7 @@ def select_neighbours(
         candidates: via ("image", "text") → that query's candidates, best first; a via the example
             has no query for is absent, and the other via takes its quota.
         rules: thresholds and counts.
+        query_doc: the example's own document embedding, for the near-duplicate half of rule 2.
 
     Returns:
         The selected neighbours with `rank` set (interleaved by via, best first), and one counts row
@@ -200,7 +213,7 @@ def select_neighbours(
     rows = []
     for via in vias:
         c = candidates[via]
-        positions, counts = _select_via(query_key, via, c, quota, rules, chosen_ids, chosen_vecs)
+        positions, counts = _select_via(query_key, via, c, quota, rules, chosen_ids, chosen_vecs, query_doc)
         picks.append(
             [Neighbour(query_key, 0, c.keys[c.ids[i]], c.scores[i], via, c.modalities[c.ids[i]]) for i in positions]
         )
@@ -267,7 +280,8 @@ def retrieve_batch(
             per_example[i][via] = Candidates(row_ids, row_scores, keys, mods, vectors)
     neighbours, counts = [], []
     for e, cands in zip(examples, per_example, strict=True):
-        ns, cs = select_neighbours(e.key, cands, rules)
+        query_doc = None if e.doc_emb is None else np.asarray(e.doc_emb, dtype=np.float32)
+        ns, cs = select_neighbours(e.key, cands, rules, query_doc)
         neighbours.extend(ns)
         counts.extend(cs)
     return neighbours, counts
