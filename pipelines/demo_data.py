@@ -367,7 +367,8 @@ def write_demo_corpus(
 
     Per shard: `NNNNN.tar` (per sample `KEY.jpg`, `KEY.txt`, `KEY.json`, members sorted), `NNNNN.parquet`
     (img2dataset's columns) and `NNNNN_stats.json`. About 3% of documents are text-only, 3% image-only
-    and 5% near-duplicates of an earlier image (same scene re-rendered with jitter and pixel noise,
+    and 5% near-duplicates of an earlier image (same scene re-rendered with jitter and pixel noise, under
+    the original's caption, as a re-upload would be;
     `"near_duplicate_of": KEY` in its JSON). Tars and parquet are byte-identical for the same
     arguments; the stats file carries wall-clock times, as img2dataset's does.
 
@@ -388,7 +389,8 @@ def write_demo_corpus(
     dup_rng = rng_for(seed, "corpus", "demo_near_duplicate_targets")
     scenes: list[Scene] = []
     keys: list[str] = []
-    originals: list[int] = []  # earlier examples with an image, candidates for near-duplicates
+    originals: list[int] = []  # earlier image+text examples, candidates for near-duplicates
+    captions: list[str | None] = []  # caption of every example so far (a near-duplicate reuses its original's)
     num_shards = math.ceil(num_examples / shard_size)
     counts = {"image_text": 0, "text_only": 0, "image_only": 0, "near_duplicates": 0}
     for shard in range(num_shards):
@@ -408,12 +410,16 @@ def write_demo_corpus(
                 scene = random_scene(rng)
             scenes.append(scene)
             keys.append(key)
-            caption = describe(scene, rng) if kind != "image" else None
+            if duplicate_of is not None:  # a re-upload: the same scene re-rendered, under the original's caption
+                caption = captions[target]
+            else:
+                caption = describe(scene, rng) if kind != "image" else None
+            captions.append(caption)
             jpg = None
             if kind != "text":
                 image = render(scene, image_size, rng)
                 jpg = _jpeg(_add_noise(image, rng) if duplicate_of else image)
-                if not duplicate_of:
+                if not duplicate_of and caption is not None:
                     originals.append(i)
             counts[{"both": "image_text", "text": "text_only", "image": "image_only"}.get(kind, "near_duplicates")] += 1
             side = image_size if jpg is not None else None

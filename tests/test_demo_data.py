@@ -168,6 +168,7 @@ def test_samples_match_their_scene_and_parquet(corpus):
             assert meta["near_duplicate_of"] < key and original["attributes"] == meta["attributes"]
             assert "jpg" in parts and "txt" in parts and "jpg" in groups[meta["near_duplicate_of"]]
             assert parts["jpg"] != groups[meta["near_duplicate_of"]]["jpg"]
+            assert parts["txt"] == groups[meta["near_duplicate_of"]]["txt"]  # a re-upload keeps its caption
             kinds["near_duplicates"] += 1
         elif "jpg" in parts and "txt" in parts:
             kinds["image_text"] += 1
