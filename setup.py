@@ -11,8 +11,9 @@ setup(
     version="0.1.0",
     description="Build retrieval-augmented CM3 training corpora (RA-CM3 / CM3Leon recipe) with Apache Beam.",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*", "model", "model.*",
-                                    "schemas", "schemas.*"]),
+    packages=find_packages(
+        include=["pipelines", "pipelines.*", "transforms", "transforms.*", "model", "model.*", "schemas", "schemas.*"]
+    ),
     # The demo CLIP's config and checkpoint travel with the code so remote workers have them.
     package_data={"model": ["demo_clip/*.json", "demo_clip/*.pt"]},
     install_requires=[

@@ -21,11 +21,12 @@ class CorpusOptions(PipelineOptions):
         a(
             "--input",
             action="append",
-            required=True,
             help="Input pattern: tars (globs, {000..009} braces, fsspec URLs), parquet/jsonl/csv manifests or a folder."
             " Repeat the flag for several.",
         )
-        a("--output", required=True, help="Output directory (local path or any fsspec URL).")
+        # Not argparse-required: Beam parses every registered options class for every pipeline,
+        # tests' included, so `from_options` checks these instead.
+        a("--output", help="Output directory (local path or any fsspec URL).")
         a("--input_format", default="auto", choices=["auto", "webdataset", "parquet", "jsonl", "csv", "folder"])
         a("--image_column", default="image_path", help="Manifest column holding the image path or URL.")
         a("--caption_column", default="caption", help="Manifest column holding the caption.")
@@ -110,6 +111,9 @@ class BuildConfig:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> BuildConfig:
         view = options.view_as(CorpusOptions).get_all_options()
+        missing = [f"--{name}" for name in ("input", "output") if not view.get(name)]
+        if missing:
+            raise SystemExit(f"cm3corpus build: {' and '.join(missing)} required (see cm3corpus build --help)")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in view.items() if k in fields}
         inputs = values["input"]

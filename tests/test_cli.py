@@ -48,3 +48,9 @@ def test_config_defaults_match_flag_defaults():
     cfg = BuildConfig.from_options(PipelineOptions(["--input", "x", "--output", "o"]).view_as(CorpusOptions))
     defaults = BuildConfig(input=("x",), output="o")
     assert cfg == defaults
+
+
+def test_missing_input_or_output_is_a_clear_error_and_other_pipelines_still_parse():
+    with pytest.raises(SystemExit, match="--input and --output required"):
+        BuildConfig.from_options(PipelineOptions([]).view_as(CorpusOptions))
+    assert PipelineOptions([]).get_all_options()["input"] is None  # any pipeline parses every options class
