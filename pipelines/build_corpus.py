@@ -47,7 +47,7 @@ def num_files(units: list[tuple[str, str]]) -> int:
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
     from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows
-    from transforms.memory_bank import BuildMemoryBank
+    from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
     from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
     from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards
 
@@ -58,11 +58,14 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     embedded | "WriteEmbeddings" >> WriteSortedParquet(
         f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, n, "embeddings"
     )
-    bank = cfg.memory_bank or (
-        embedded
-        | "MemoryBank"
-        >> BuildMemoryBank(f"{staging}/memory_bank", cfg.clip_model, cfg.index_factory, dim=dim, seed=cfg.seed)
-    )
+    bank_dir = f"{staging}/memory_bank"
+    if cfg.memory_bank and cfg.extend_memory_bank:
+        bank = embedded | "ExtendMemoryBank" >> ExtendMemoryBank(cfg.memory_bank, bank_dir)
+    elif cfg.memory_bank:
+        bank = cfg.memory_bank
+    else:
+        factory = cfg.index_factory
+        bank = embedded | "MemoryBank" >> BuildMemoryBank(bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed)
     retrieved = embedded | "Retrieve" >> Retrieve(bank, RetrievalRules.from_config(cfg))
     retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours", n)
     retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts", n)

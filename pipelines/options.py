@@ -45,6 +45,12 @@ class CorpusOptions(PipelineOptions):
         a("--embed_batch_size", type=int, default=64)
         # Memory bank and retrieval.
         a("--memory_bank", default=None, help="Retrieve from this prebuilt bank instead of building one.")
+        a(
+            "--extend_memory_bank",
+            action="store_true",
+            help="With --memory_bank: add this run's documents to a copy of that bank (written as this run's"
+            " memory_bank/) instead of only retrieving from it.",
+        )
         a("--index_factory", default=None, help="FAISS index-factory string; chosen from the bank size when absent.")
         a("--retrieval_topk", type=int, default=32, help="Candidates fetched per query before the rules.")
         a("--num_retrieved", type=int, default=2, help="Documents selected per query modality (image and text).")
@@ -88,6 +94,7 @@ class BuildConfig:
     device: str = "cpu"  # cpu | cuda
     embed_batch_size: int = 64  # RunInference batch size
     memory_bank: str | None = None  # prebuilt bank directory
+    extend_memory_bank: bool = False  # grow a copy of --memory_bank with this run's documents
     index_factory: str | None = None  # FAISS factory string override
     retrieval_topk: int = 32  # candidates per query
     num_retrieved: int = 2  # selected per query modality

@@ -27,6 +27,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.metrics import Metrics
 
 from schemas.artifacts import MEMORY_BANK_IDS, SCHEMA_VERSION
 from schemas.records import IMAGE_TEXT, MODALITIES, EmbeddedExample
@@ -520,4 +521,49 @@ class BuildMemoryBank(beam.PTransform):
             | "FillParts" >> beam.Map(_fill_part, side.AsSingleton(trained), side.AsDict(counts), self._dir)
             | "PartList" >> beam.combiners.ToList()
             | "Merge" >> beam.Map(_merge, side.AsSingleton(trained), self._dir, self._clip)
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Growing a bank: new documents added to a copy of an existing one, without retraining.
+
+
+def _extend_copy(entries: list, source_dir: str, bank_dir: str) -> str:
+    """Copy the bank at `source_dir` to `bank_dir` and add the entries whose keys it lacks."""
+    src_fs, src = _fs(source_dir)
+    dst_fs, dst = _fs(bank_dir)
+    dst_fs.makedirs(dst, exist_ok=True)
+    for name in (INDEX_FILE, IDS_FILE, INFO_FILE):  # bank.json last: it marks a finished bank
+        with src_fs.open(f"{src}/{name}", "rb") as f, dst_fs.open(f"{dst}/{name}", "wb") as g:
+            g.write(f.read())
+    known = set(load_bank(bank_dir).keys)
+    new = sorted((key, vec, mod) for key, vec, mod in entries if key not in known)
+    Metrics.counter("memory_bank", "documents_already_in_bank").inc(len(entries) - len(new))
+    Metrics.counter("memory_bank", "documents_added").inc(len(new))
+    if new:
+        vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v, _ in new])
+        extend_bank(bank_dir, vectors, [k for k, _, _ in new], [m for _, _, m in new])
+    return bank_dir
+
+
+class ExtendMemoryBank(beam.PTransform):
+    """PCollection[EmbeddedExample] → one-element PCollection holding `bank_dir`: the bank at
+    `source_dir` plus this run's documents (those whose keys it does not already hold).
+
+    Nothing is retrained: IVF lists and PQ codebooks stay as they were (rebuild when the new data
+    differs a lot from the old). The source bank is left untouched. Neighbours written by earlier
+    runs are not refreshed: rerun their build against the grown bank for old queries to see new
+    documents. The new documents' vectors meet on one worker, as in the bank's own build.
+    """
+
+    def __init__(self, source_dir: str, bank_dir: str):
+        super().__init__()
+        self._source, self._bank_dir = source_dir, bank_dir
+
+    def expand(self, examples):
+        return (
+            examples
+            | "Entries" >> beam.Map(lambda e: (e.key, e.doc_emb, e.modality))
+            | "Collect" >> beam.combiners.ToList()
+            | "Extend" >> beam.Map(_extend_copy, self._source, self._bank_dir)
         )

@@ -1,0 +1,60 @@
+"""Growing a corpus: new input is added to an existing memory bank without rebuilding it."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+
+from pipelines import build_corpus
+from pipelines.demo import demo_build_flags
+from pipelines.demo_data import write_demo_corpus
+from schemas import artifacts
+from transforms.parquet_io import read_table
+
+
+def prefixed_copy(src, dst, prefix: str) -> None:
+    """The same samples under new keys (demo keys repeat across seeds)."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            info = tarfile.TarInfo(prefix + m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def build(data_glob, out, *extra) -> dict:
+    return build_corpus.run(["--input", data_glob, "--output", str(out), *demo_build_flags(), *extra])
+
+
+def test_new_documents_join_the_old_bank_without_a_rebuild(tmp_path):
+    write_demo_corpus(str(tmp_path / "a"), num_examples=120, seed=1, shard_size=60)
+    write_demo_corpus(str(tmp_path / "b0"), num_examples=60, seed=2, shard_size=60)
+    (tmp_path / "b").mkdir()
+    prefixed_copy(tmp_path / "b0" / "00000.tar", tmp_path / "b" / "00000.tar", "new")
+    build(f"{tmp_path}/a/*.tar", tmp_path / "out_a")
+    old_bank = {p.name: p.read_bytes() for p in (tmp_path / "out_a" / "memory_bank").iterdir()}
+
+    stats = build(
+        f"{tmp_path}/b/*.tar",
+        tmp_path / "out_b",
+        "--memory_bank",
+        str(tmp_path / "out_a" / "memory_bank"),
+        "--extend_memory_bank",
+    )
+    assert stats["examples_read"] == 60 == stats["examples_written"] + stats["examples_rejected"]
+    assert stats["counters"]["memory_bank/documents_added"] == 60
+    # the source bank is untouched; the grown one keeps every old id where it was
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out_a" / "memory_bank").iterdir()} == old_bank
+    old_ids = pq.read_table(tmp_path / "out_a" / "memory_bank" / "ids.parquet").to_pylist()
+    new_ids = pq.read_table(tmp_path / "out_b" / "memory_bank" / "ids.parquet").to_pylist()
+    assert new_ids[: len(old_ids)] == old_ids and len(new_ids) == 180
+    assert all(r["key"].startswith("new") for r in new_ids[120:])  # added after the old ids, in key order
+    info = json.loads((tmp_path / "out_b" / "memory_bank" / "bank.json").read_text())
+    assert info["count"] == 180
+    # new queries retrieve from both the old and the new documents
+    rows = read_table(str(tmp_path / "out_b" / "neighbours"), artifacts.NEIGHBOURS).to_pylist()
+    docs = {r["doc_key"] for r in rows}
+    assert any(d.startswith("new") for d in docs) and any(not d.startswith("new") for d in docs)
