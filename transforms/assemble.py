@@ -8,6 +8,7 @@ per query that wants it, which is the size of the output anyway.
 from __future__ import annotations
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 from schemas.records import Neighbour, TokenizedDoc
 
@@ -15,7 +16,8 @@ from schemas.records import Neighbour, TokenizedDoc
 def _fetch(keyed):
     _, grouped = keyed
     docs = list(grouped["doc"])
-    if not docs:  # a bank document that is not in this corpus (e.g. --memory_bank of another corpus)
+    if not docs:  # a bank document that is not in this run's input (e.g. --memory_bank of another corpus)
+        Metrics.counter("sequences", "neighbours_without_document").inc(sum(1 for _ in grouped["wanted"]))
         return
     for n in grouped["wanted"]:
         yield n.query_key, (n, docs[0])
