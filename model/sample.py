@@ -1,0 +1,244 @@
+"""Sampling from a trained CM3 decoder: text → image and image → caption, as CM3Leon prompts them.
+
+- Text to image: the prompt is `<eod> T <break>` and the model continues with `tokens_per_image`
+  image tokens, drawn only from the image-code range. Classifier-free guidance (CM3Leon, section
+  3.1) runs two streams, the conditional prompt and an unconditional one whose caption is replaced
+  by a mask token (`<eod> <sentinel:0> <break>`: what a fully masked caption looks like in CM3
+  training), feeds both the same sampled token, and samples from
+  `logits_uncond + scale * (logits_cond - logits_uncond)`.
+- Image to caption: CM3's infilling form `<eod> <sentinel:0> <break> I <eod> <sentinel:0>`: the
+  caption was masked in place and the model writes the span out after the layout, until `<eoss>`.
+
+Ids are global (`schemas.vocab.Vocab`). Decoding image codes to pixels is the image tokenizer's
+job; `generate_image` takes it as a callable so this module does not depend on the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What to feed `generate` for one task."""
+
+    ids: list[int]  # the conditional prompt
+    uncond_ids: list[int] | None  # the unconditional stream for classifier-free guidance
+    allowed_range: tuple[int, int] | None  # [start, stop) of the ids that may be sampled
+    max_new_tokens: int  # tokens to generate at most
+    stop_token: int | None  # ends a row early (always allowed)
+
+
+def _filter(logits: torch.Tensor, allowed_range: tuple[int, int] | None, stop_token: int | None) -> torch.Tensor:
+    """Set every id outside allowed_range (except stop_token) to -inf."""
+    if allowed_range is None:
+        return logits
+    keep = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)  # (V,)
+    keep[allowed_range[0] : allowed_range[1]] = True
+    if stop_token is not None:
+        keep[stop_token] = True
+    return logits.masked_fill(~keep, float("-inf"))  # (B, V)
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most probable ids whose mass first reaches top_p, renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    # Drop an id when the mass before it already reaches top_p; the most probable id always stays.
+    drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # (B, V)
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)  # (B, V)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _as_batch(ids: Any, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(ids, dtype=torch.long, device=device)
+    return t.unsqueeze(0) if t.dim() == 1 else t  # (B, T)
+
+
+def _last_logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    # Without a KV cache the whole context is recomputed per token; crop it to the learned positions.
+    logits, _ = model(idx[:, -model.config.seq_len :])  # (B, T, V)
+    return logits[:, -1, :].float()  # (B, V)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    uncond_prompt_ids: Any = None,
+    allowed_range: tuple[int, int] | None = None,
+    stop_token: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample a continuation of the prompt.
+
+    Args:
+        model: a `CM3Decoder` (anything whose forward(idx) returns (logits, _) and has config.seq_len).
+        prompt_ids: (T,) or (B, T) ids.
+        max_new_tokens: tokens to generate at most.
+        temperature: divides the logits; 0 picks the most probable id (greedy).
+        top_p: nucleus sampling mass; 1 keeps every id.
+        cfg_scale: classifier-free guidance scale; 1 samples the conditional stream alone.
+        uncond_prompt_ids: (T',) or (B, T') ids of the unconditional stream; required when cfg_scale != 1.
+        allowed_range: [start, stop) ids that may be sampled (e.g. the image codes); None allows all.
+        stop_token: a row that samples it is finished (the token is kept, later ones are PAD).
+        generator: seeds the sampling.
+
+    Returns:
+        (max_new_tokens,) or (B, max_new_tokens) new ids (fewer columns when every row stopped early).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    cond = _as_batch(prompt_ids, device)  # (B, T)
+    guided = cfg_scale != 1.0
+    if guided:
+        if uncond_prompt_ids is None:
+            raise ValueError("cfg_scale != 1 needs uncond_prompt_ids")
+        uncond = _as_batch(uncond_prompt_ids, device).expand(cond.size(0), -1)  # (B, T')
+    done = torch.zeros(cond.size(0), dtype=torch.bool, device=device)  # (B,)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = _last_logits(model, cond)  # (B, V)
+        if guided:
+            u = _last_logits(model, uncond)  # (B, V)
+            logits = u + cfg_scale * (logits - u)
+        logits = _filter(logits, allowed_range, stop_token)
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            probs = _top_p(torch.softmax(logits / temperature, dim=-1), top_p)  # (B, V)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        nxt = nxt.masked_fill(done.unsqueeze(1), PAD)
+        out.append(nxt)
+        cond = torch.cat([cond, nxt], dim=1)
+        if guided:
+            uncond = torch.cat([uncond, nxt], dim=1)  # both streams continue with the same token
+        if stop_token is not None:
+            done |= nxt.squeeze(1) == stop_token
+            if bool(done.all()):
+                break
+    model.train(was_training)
+    new = torch.cat(out, dim=1) if out else cond.new_zeros(cond.size(0), 0)  # (B, n)
+    return new[0] if torch.as_tensor(prompt_ids).dim() == 1 else new
+
+
+def _check_range(ids: Sequence[int], start: int, stop: int, what: str) -> list[int]:
+    ids = [int(i) for i in ids]
+    if any(not start <= i < stop for i in ids):
+        raise ValueError(f"{what} ids must lie in [{start}, {stop}) (global ids, see schemas.vocab)")
+    return ids
+
+
+def text_to_image_prompt(vocab: Vocab, caption_ids: Sequence[int]) -> Prompt:
+    """`<eod> T <break>`, then `tokens_per_image` image codes; the guidance stream masks the caption."""
+    caption = _check_range(caption_ids, vocab.text_start, vocab.image_start, "caption")
+    return Prompt(
+        ids=[EOD, *caption, BREAK],
+        uncond_ids=[EOD, vocab.sentinel(0), BREAK],
+        allowed_range=(vocab.image_start, vocab.size),
+        max_new_tokens=vocab.tokens_per_image,
+        stop_token=None,
+    )
+
+
+def image_to_caption_prompt(vocab: Vocab, image_ids: Sequence[int], max_new_tokens: int = 64) -> Prompt:
+    """CM3 infilling: `<eod> <sentinel:0> <break> I <eod> <sentinel:0>`, then text until `<eoss>`."""
+    image = _check_range(image_ids, vocab.image_start, vocab.size, "image")
+    s0 = vocab.sentinel(0)
+    return Prompt(
+        ids=[EOD, s0, BREAK, *image, EOD, s0],
+        uncond_ids=None,
+        allowed_range=(vocab.text_start, vocab.image_start),
+        max_new_tokens=max_new_tokens,
+        stop_token=EOSS,
+    )
+
+
+def generate_image(
+    model: torch.nn.Module,
+    vocab: Vocab,
+    caption_ids: Sequence[int],
+    decode_image: Callable[[np.ndarray], Any] | None = None,
+    cfg_scale: float = 3.0,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+) -> tuple[np.ndarray, Any]:
+    """Sample one image for a caption.
+
+    Args:
+        model: the trained decoder.
+        vocab: the corpus's id space.
+        caption_ids: the caption in global text ids.
+        decode_image: the image tokenizer's decoder, codes (tokens_per_image,) in [0, image_codes)
+            → PIL.Image; None returns no image.
+        cfg_scale: classifier-free guidance scale.
+        temperature: sampling temperature.
+        top_p: nucleus mass.
+        generator: seeds the sampling.
+
+    Returns:
+        (codes (tokens_per_image,) int64 in [0, image_codes), the decoded image or None).
+    """
+    p = text_to_image_prompt(vocab, caption_ids)
+    new = generate(
+        model,
+        p.ids,
+        p.max_new_tokens,
+        temperature,
+        top_p,
+        cfg_scale,
+        p.uncond_ids,
+        p.allowed_range,
+        generator=generator,
+    )
+    codes = new.cpu().numpy() - vocab.image_start
+    return codes, (decode_image(codes) if decode_image is not None else None)
+
+
+def generate_caption(
+    model: torch.nn.Module,
+    vocab: Vocab,
+    image_ids: Sequence[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Caption an image by infilling; returns global text ids, `<eoss>` dropped (greedy by default)."""
+    p = image_to_caption_prompt(vocab, image_ids, max_new_tokens)
+    new = generate(
+        model,
+        p.ids,
+        p.max_new_tokens,
+        temperature,
+        top_p,
+        allowed_range=p.allowed_range,
+        stop_token=p.stop_token,
+        generator=generator,
+    ).tolist()
+    return new[: new.index(EOSS)] if EOSS in new else new
+
+
+__all__ = [
+    "Prompt",
+    "generate",
+    "generate_caption",
+    "generate_image",
+    "image_to_caption_prompt",
+    "text_to_image_prompt",
+]

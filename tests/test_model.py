@@ -1,0 +1,204 @@
+"""The CM3 decoder's architecture and initialisation rules, and sampling (model/cm3.py, model/sample.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model.cm3 import INIT_STD, CM3Config, CM3Decoder
+from model.sample import (
+    _top_p,
+    generate,
+    generate_caption,
+    generate_image,
+    image_to_caption_prompt,
+    text_to_image_prompt,
+)
+from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
+
+VOCAB = Vocab(num_sentinels=2, text_size=40, image_codes=32, tokens_per_image=8)
+CONFIG = CM3Config(vocab_size=VOCAB.size, seq_len=64, n_layer=2, n_head=2, n_embd=64)
+
+
+def _model(seed: int = 0) -> CM3Decoder:
+    torch.manual_seed(seed)
+    return CM3Decoder(CONFIG)
+
+
+def test_no_biases_no_norm_parameters_no_dropout():
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if "bias" in n]
+    assert not [n for n in names if "ln" in n]  # LayerNorm(elementwise_affine=False) owns no parameters
+    assert all(not m.elementwise_affine for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert not [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_initialisation_follows_cm3leon():
+    model = _model()
+    assert torch.count_nonzero(model.lm_head.weight) == 0
+    assert model.lm_head.weight.data_ptr() != model.wte.weight.data_ptr()  # untied
+    assert model.wpe.weight.std().item() == pytest.approx(0.0002, rel=0.1)
+    for name, p in model.named_parameters():
+        if name in ("lm_head.weight", "wpe.weight"):
+            continue
+        assert p.abs().max().item() <= 3 * INIT_STD + 1e-9, name  # truncated at 3 std
+        # A normal truncated at 3 std keeps ~98.7% of its std.
+        assert p.std().item() == pytest.approx(INIT_STD * 0.987, rel=0.1), name
+
+
+def test_initial_loss_is_ln_vocab_and_pad_targets_are_ignored():
+    model = _model()
+    idx = torch.randint(VOCAB.text_start, VOCAB.size, (3, 20))
+    targets = torch.randint(VOCAB.text_start, VOCAB.size, (3, 20))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 20, VOCAB.size)
+    assert loss.item() == pytest.approx(math.log(VOCAB.size), abs=1e-5)
+    assert model(idx)[1] is None
+
+    # Give the model opinions, then check that PAD targets and loss_mask select what is scored.
+    nn.init.normal_(model.lm_head.weight, std=0.5)
+    logits, _ = model(idx)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T)
+    padded = targets.clone()
+    padded[:, 10:] = PAD
+    assert model(idx, padded)[1].item() == pytest.approx(per_token[:, :10].mean().item(), rel=1e-5)
+    mask = torch.zeros_like(targets, dtype=torch.bool)
+    mask[:, 5:8] = True
+    assert model(idx, targets, mask)[1].item() == pytest.approx(per_token[:, 5:8].mean().item(), rel=1e-5)
+    assert model(idx, targets, torch.zeros_like(mask))[1].item() == 0.0  # nothing scored: 0, not NaN
+
+
+def test_attention_is_causal():
+    model = _model()
+    nn.init.normal_(model.lm_head.weight, std=0.5)
+    idx = torch.randint(4, VOCAB.size, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % VOCAB.size
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6) and not torch.allclose(a[0, 10:], b[0, 10:])
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, CONFIG.seq_len + 1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling.
+
+
+class ScriptedModel(nn.Module):
+    """Logits from a function of the context, to check what `generate` does with them."""
+
+    def __init__(self, fn, seq_len: int = 64) -> None:
+        super().__init__()
+        self.fn = fn
+        self.config = CM3Config(vocab_size=VOCAB.size, seq_len=seq_len)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def forward(self, idx, targets=None):
+        self.seen.append(idx[0].tolist())
+        logits = torch.stack([self.fn(row.tolist()) for row in idx])  # (B, V)
+        return logits.unsqueeze(1).expand(-1, idx.size(1), -1), None  # (B, T, V)
+
+
+def _fixed(probs: dict[int, float]):
+    logits = torch.full((VOCAB.size,), -1e9)
+    for i, p in probs.items():
+        logits[i] = math.log(p)
+    return lambda ctx: logits
+
+
+def test_allowed_range_restricts_samples():
+    model = _model(1)
+    nn.init.normal_(model.lm_head.weight, std=1.0)  # a model that prefers all sorts of ids
+    g = torch.Generator().manual_seed(0)
+    lo, hi = VOCAB.image_start, VOCAB.size
+    out = generate(model, [EOD, 10, 11, BREAK], 40, temperature=1.5, allowed_range=(lo, hi), generator=g)
+    assert out.shape == (40,) and ((out >= lo) & (out < hi)).all()
+    free = generate(model, [EOD, 10, 11, BREAK], 40, temperature=1.5, generator=g)
+    assert ((free < lo) | (free >= hi)).any()  # the restriction is what kept the ids in range
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    assert torch.allclose(_top_p(probs, 0.5), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert torch.allclose(_top_p(probs, 0.7), torch.tensor([[0.0, 0.5, 0.0, 0.3]]) / 0.8)
+    assert torch.equal(_top_p(probs, 1.0), probs)
+    model = ScriptedModel(_fixed({10: 0.5, 11: 0.3, 12: 0.15, 13: 0.05}))
+    g = torch.Generator().manual_seed(0)
+    assert set(generate(model, [EOD], 200, top_p=0.7, generator=g).tolist()) == {10, 11}
+    assert set(generate(model, [EOD], 300, top_p=1.0, generator=g).tolist()) == {10, 11, 12, 13}
+    assert set(generate(model, [EOD], 5, temperature=0.0).tolist()) == {10}  # greedy
+
+
+def test_classifier_free_guidance_mixes_two_streams():
+    caption = 20
+
+    def fn(ctx):
+        # Conditioned on the caption the model slightly prefers 51 over 50; unconditioned, it strongly
+        # prefers 50. Guidance amplifies the difference: uncond + 3 * (cond - uncond) picks 51.
+        probs = {50: 0.45, 51: 0.55} if caption in ctx else {50: 0.9, 51: 0.1}
+        return _fixed(probs)(ctx)
+
+    model = ScriptedModel(fn)
+    cond, uncond = [EOD, caption, BREAK], [EOD, VOCAB.sentinel(0), BREAK]
+    assert generate(model, cond, 1, temperature=0.0).tolist() == [51]
+    model = ScriptedModel(fn)
+    out = generate(model, cond, 3, temperature=0.0, cfg_scale=3.0, uncond_prompt_ids=uncond)
+    assert out.tolist() == [51, 51, 51]
+    # Both streams were fed the sampled tokens.
+    assert model.seen[-2] == cond + [51, 51] and model.seen[-1] == uncond + [51, 51]
+    # Scale 0 is the unconditional stream alone.
+    alone = generate(ScriptedModel(fn), cond, 1, temperature=0.0, cfg_scale=0.0, uncond_prompt_ids=uncond)
+    assert alone.tolist() == [50]
+    with pytest.raises(ValueError, match="uncond"):
+        generate(model, cond, 1, cfg_scale=2.0)
+
+
+def test_text_to_image_and_caption_prompts():
+    caption = [VOCAB.text_start + 3, VOCAB.text_start + 7]
+    p = text_to_image_prompt(VOCAB, caption)
+    assert p.ids == [EOD, *caption, BREAK] and p.uncond_ids == [EOD, VOCAB.sentinel(0), BREAK]
+    assert p.allowed_range == (VOCAB.image_start, VOCAB.size) and p.max_new_tokens == VOCAB.tokens_per_image
+    with pytest.raises(ValueError):
+        text_to_image_prompt(VOCAB, [VOCAB.image_start])  # image ids are not a caption
+
+    image = [VOCAB.image_start + i for i in range(VOCAB.tokens_per_image)]
+    q = image_to_caption_prompt(VOCAB, image)
+    s0 = VOCAB.sentinel(0)
+    assert q.ids == [EOD, s0, BREAK, *image, EOD, s0] and q.stop_token == EOSS
+    assert q.allowed_range == (VOCAB.text_start, VOCAB.image_start)
+
+
+def test_generate_image_and_caption_end_to_end():
+    model = _model(2)
+    nn.init.normal_(model.lm_head.weight, std=1.0)
+    decoded = []
+    codes, image = generate_image(
+        model, VOCAB, [VOCAB.text_start + 1], decode_image=lambda c: decoded.append(c) or "img", cfg_scale=2.0
+    )
+    assert image == "img" and codes.shape == (VOCAB.tokens_per_image,)
+    assert ((codes >= 0) & (codes < VOCAB.image_codes)).all() and decoded[0] is codes
+
+    # A caption stops at <eoss>, which is dropped; only text ids come out.
+    script = [VOCAB.text_start + 5, VOCAB.text_start + 6, EOSS, VOCAB.text_start + 9]
+    prompt_len = len(image_to_caption_prompt(VOCAB, [VOCAB.image_start]).ids)
+
+    def fn(ctx):
+        return _fixed({script[min(len(ctx) - prompt_len, len(script) - 1)]: 1.0})(ctx)
+
+    assert generate_caption(ScriptedModel(fn), VOCAB, [VOCAB.image_start]) == script[:2]
+
+
+def test_generation_stops_rows_independently_and_crops_the_context():
+    def fn(ctx):
+        return _fixed({EOSS: 0.9, 30: 0.1} if ctx[0] == 5 else {30: 1.0})(ctx)
+
+    model = ScriptedModel(fn, seq_len=6)
+    out = generate(model, torch.tensor([[5, 6], [7, 6]]), 6, temperature=0.0, stop_token=EOSS)
+    assert out[0].tolist() == [EOSS] + [PAD] * 5 and out[1].tolist() == [30] * 6
+    assert max(len(s) for s in model.seen) == 6  # never more context than the learned positions
