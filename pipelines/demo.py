@@ -1,7 +1,8 @@
 """`cm3corpus demo`: the whole job on the built-in demo corpus, in one command.
 
-Writes a synthetic img2dataset-style corpus, then builds it with the demo CLIP into
-`OUTPUT/corpus/`. Extra flags pass through to `cm3corpus build` (for example
+Writes a synthetic img2dataset-style corpus, builds it with the demo CLIP into `OUTPUT/corpus/`,
+then trains a tiny CM3 decoder on its shards for a few minutes and adds the loss curve and a few
+generations to `OUTPUT/corpus/report.html`. Extra flags pass through to `cm3corpus build` (for example
 `--direct_running_mode=multi_processing --direct_num_workers=2`).
 """
 
@@ -19,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=250, help="Examples per input tar.")
+    parser.add_argument("--train_steps", type=int, default=150, help="Steps of the closing training run (0: none).")
     args, build_flags = parser.parse_known_args(argv)
 
     from pipelines import build_corpus
@@ -32,8 +34,97 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_corpus.run(
         ["--input", f"{data}/*.tar", "--output", corpus, "--seed", str(args.seed), *demo_build_flags(), *build_flags]
     )
-    print(f"demo corpus built in {corpus}/ (stats.json, rejects/)", file=sys.stderr)
+    if args.train_steps > 0:
+        train_and_sample(corpus, f"{args.output}/train", args.train_steps, args.seed)
+    print(f"demo corpus built in {corpus}/ — open {corpus}/report.html", file=sys.stderr)
     return 0
+
+
+def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
+    """A short training run on the corpus's shards, then a few generations, added to report.html."""
+    import io
+    import json
+
+    import torch
+
+    from model.sample import generate_caption, generate_image
+    from model.train import TrainConfig, load_model, train
+    from transforms.report import append_section, training_section
+    from transforms.sequences import load_once
+    from transforms.tokenize import decode_text, encode_caption, encode_image
+
+    cfg = TrainConfig(
+        shards=f"{corpus}/shards/cm3-*.tar",
+        output=run_dir,
+        max_steps=steps,
+        batch_size=8,
+        seq_len=512,
+        n_layer=2,
+        n_head=4,
+        n_embd=128,
+        lr=2e-3,
+        warmup_steps=max(1, steps // 10),
+        eval_every=max(1, steps // 4),
+        eval_batches=4,
+        ckpt_every=steps,
+        log_every=max(1, steps // 10),
+        seed=seed,
+    )
+    summary = train(cfg)
+    model = load_model(f"{run_dir}/ckpt.pt")
+    text_tok, image_tok, vocab = load_once(f"{corpus}/tokenizers")
+    rng = torch.Generator().manual_seed(seed)
+
+    def png(codes) -> bytes:
+        out = io.BytesIO()
+        image_tok.decode(codes[None, :])[0].save(out, format="PNG")
+        return out.getvalue()
+
+    prompts = ["a large red circle in the center", "a small blue square on the left side"]
+    text_to_image = []
+    for caption in prompts:
+        codes, _ = generate_image(model, vocab, encode_caption(text_tok, vocab, caption), cfg_scale=3.0, generator=rng)
+        text_to_image.append((caption, png(codes)))
+    image_to_text = []
+    for _, (original, caption) in zip(range(2), _demo_pairs(corpus), strict=False):
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(original)).convert("RGB")
+        ids = generate_caption(model, vocab, encode_image(image_tok, vocab, image), generator=rng)
+        text = decode_text(text_tok, vocab, [i for i in ids if vocab.text_start <= i < vocab.image_start])
+        image_to_text.append((original, f"{text}  (original: {caption})"))
+
+    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    figures = {
+        "steps": summary["step"],
+        "parameters": summary.get("params", 0),
+        "first loss": points[0][1] if points else float("nan"),
+        "last loss": points[-1][1] if points else float("nan"),
+        "held-out loss": evals[-1][1] if evals else float("nan"),
+        "tokens/s": summary.get("tokens_per_s", 0),
+    }
+    append_section(f"{corpus}/report.html", training_section(points, evals, text_to_image, image_to_text, figures))
+    print(f"demo training: {figures}", file=sys.stderr)
+    return figures
+
+
+def _demo_pairs(corpus: str):
+    """(image bytes, caption) of a few documents, from the report's own sample: the embeddings hold captions."""
+    import glob
+    import tarfile
+
+    data = corpus.rsplit("/", 1)[0] + "/data"
+    for path in sorted(glob.glob(f"{data}/*.tar"))[-1:]:
+        with tarfile.open(path) as tf:
+            parts: dict[str, dict[str, bytes]] = {}
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                parts.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for key in sorted(parts)[::-1]:
+            if "jpg" in parts[key] and "txt" in parts[key]:
+                yield parts[key]["jpg"], parts[key]["txt"].decode()
 
 
 def demo_build_flags() -> list[str]:

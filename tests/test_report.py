@@ -71,3 +71,24 @@ def test_write_report_renames_into_place(tmp_path):
     write_report(str(path), sample(), {"examples_read": 2})
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_training_section_is_appended_inside_the_body(tmp_path):
+    from transforms.report import append_section, loss_curve_svg, training_section, write_report
+
+    path = tmp_path / "report.html"
+    write_report(str(path), [], {"examples_read": 3})
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(png, format="PNG")
+    section = training_section(
+        [(1, 5.0), (2, 3.0), (3, 2.5)],
+        [(3, 2.7)],
+        [("a red square", png.getvalue())],
+        [(png.getvalue(), "x")],
+        {"steps": 3},
+    )
+    append_section(str(path), section)
+    page = path.read_text()
+    assert page.index("Training run") < page.index("</body>") and page.count("<svg") == 1
+    assert page.count("data:image/jpeg") == 2 and "a red square" in page and "http" not in page
+    assert "<polyline" in loss_curve_svg([(1, 1.0), (2, 0.5)]) and "no training" in loss_curve_svg([])

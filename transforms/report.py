@@ -149,3 +149,77 @@ def write_report(
     with fs.open(target + ".tmp", "w", encoding="utf-8") as f:
         f.write(page)
     fs.mv(target + ".tmp", target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training section `cm3corpus demo` adds after its short training run.
+
+
+def loss_curve_svg(
+    points: Sequence[tuple[int, float]], eval_points: Sequence[tuple[int, float]] = (), w: int = 560, h: int = 220
+) -> str:
+    """An inline SVG line chart of (step, loss), with eval losses as dots; no scripts, no network."""
+    if not points:
+        return "<p>no training steps recorded</p>"
+    steps = [s for s, _ in [*points, *eval_points]]
+    losses = [v for _, v in [*points, *eval_points]]
+    x0, x1, y0, y1 = min(steps), max(steps), min(losses), max(losses)
+    pad = 36
+
+    def xy(step: float, loss: float) -> tuple[float, float]:
+        x = pad + (step - x0) / max(x1 - x0, 1) * (w - 2 * pad)
+        y = h - pad - (loss - y0) / max(y1 - y0, 1e-9) * (h - 2 * pad)
+        return round(x, 1), round(y, 1)
+
+    line = " ".join(f"{x},{y}" for x, y in (xy(s, v) for s, v in points))
+    dots = "".join(f'<circle cx="{x}" cy="{y}" r="3" fill="#c0392b"/>' for x, y in (xy(s, v) for s, v in eval_points))
+    return (
+        f'<svg width="{w}" height="{h}" role="img" aria-label="loss curve">'
+        f'<rect width="{w}" height="{h}" fill="#fff" stroke="#ddd"/>'
+        f'<polyline fill="none" stroke="#2c6fbb" stroke-width="1.5" points="{line}"/>{dots}'
+        f'<text x="{pad}" y="{pad - 10}" font-size="11">loss {y1:.2f}</text>'
+        f'<text x="{pad}" y="{h - 10}" font-size="11">loss {y0:.2f} · steps {x0}–{x1}'
+        " (line: train, dots: held-out)</text></svg>"
+    )
+
+
+def training_section(
+    points: Sequence[tuple[int, float]],
+    eval_points: Sequence[tuple[int, float]],
+    text_to_image: Sequence[tuple[str, bytes | None]],
+    image_to_text: Sequence[tuple[bytes | None, str]],
+    summary: Mapping[str, Any],
+) -> str:
+    """HTML for a short training run: its loss curve and a few generations.
+
+    Args:
+        points: (step, train loss).
+        eval_points: (step, held-out loss).
+        text_to_image: (prompt caption, generated image as PNG bytes).
+        image_to_text: (input image bytes, generated caption).
+        summary: figures to list (steps, parameters, tokens/s, ...).
+    """
+    t2i = "".join(f'<div class="card">{_image(img)}{_caption(cap)}</div>' for cap, img in text_to_image)
+    i2t = "".join(f'<div class="card">{_image(img)}{_caption(cap)}</div>' for img, cap in image_to_text)
+    return (
+        '<h2>Training run</h2><div class="sub">A short CPU run: generations show what the model has learned so'
+        " far (backgrounds and colours come before shapes).</div>"
+        f'<table class="stats">{_stats(summary)}</table>{loss_curve_svg(points, eval_points)}'
+        f'<h3>Text → image (classifier-free guidance)</h3><div class="nbrs">{t2i}</div>'
+        f'<h3>Image → caption (infilling)</h3><div class="nbrs">{i2t}</div>'
+    )
+
+
+def append_section(path: str, html: str) -> None:
+    """Insert `html` at the end of an existing report's body (temporary name, then rename)."""
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    with fs.open(target, "r", encoding="utf-8") as f:
+        page = f.read()
+    head, sep, tail = page.rpartition("</body>")
+    if not sep:
+        raise ValueError(f"{path} is not a report page")
+    with fs.open(target + ".tmp", "w", encoding="utf-8") as f:
+        f.write(head + html + sep + tail)
+    fs.mv(target + ".tmp", target)
