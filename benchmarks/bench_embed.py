@@ -149,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": f"bare open_clip loop {n / bare_s:,.1f} ex/s",
         "figure": f"{n / stage_s:,.1f} ex/s, max diff {max_diff(ours):.1e}",
         "ratio": round(bare_s / stage_s, 3),
-        "target": ">= 1.0",
-        "pass": bare_s / stage_s >= 1.0,
+        "target": ">= 1.5",  # issue 3: the stage at least 1.5x the bare open_clip loop
+        "pass": bare_s / stage_s >= 1.5,
     }
     print("RESULT " + json.dumps({"bench": "embed", "rows": [row]}))
     return 0
