@@ -39,11 +39,6 @@ def _reject_sort_key(r: Reject) -> str:
     return f"{r.source}\x00{r.key}\x00{r.reason}"
 
 
-def num_files(units: list[tuple[str, str]]) -> int:
-    """Files per parquet artifact: grows with the input, fixed for a given input (so bytes repeat)."""
-    return max(1, min(64, len(units)))
-
-
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
     from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows
@@ -51,12 +46,12 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
     from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards
 
-    staging, n = f"{cfg.output}/{STAGING}", num_files(units)
+    staging = f"{cfg.output}/{STAGING}"
     dim = clip_embed_dim(cfg.clip_model)
     examples, read_rejects = p | "Read" >> ReadExamples(units, cfg)
     embedded, embed_rejects = examples | "Embed" >> EmbedExamples.from_config(cfg)
     embedded | "WriteEmbeddings" >> WriteSortedParquet(
-        f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, n, "embeddings"
+        f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, None, "embeddings", 20_000
     )
     bank_dir = f"{staging}/memory_bank"
     if cfg.memory_bank and cfg.extend_memory_bank:
@@ -67,8 +62,8 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
         factory = cfg.index_factory
         bank = embedded | "MemoryBank" >> BuildMemoryBank(bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed)
     retrieved = embedded | "Retrieve" >> Retrieve(bank, RetrievalRules.from_config(cfg))
-    retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours", n)
-    retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts", n)
+    retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours")
+    retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts")
     examples | "ReportSample" >> ReportSample(f"{staging}/{REPORT_SAMPLE}", retrieved.neighbours)
 
     sc = SequenceConfig.from_config(cfg)
@@ -81,7 +76,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
 
     rejects = (read_rejects, embed_rejects, token_rejects, sequence_rejects) | "AllRejects" >> beam.Flatten()
     rejects | "WriteRejects" >> WriteSortedParquet(
-        f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, num_buckets=1, prefix="rejects"
+        f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, prefix="rejects"
     )
 
 

@@ -416,6 +416,9 @@ class _Trained:
     nprobe: int | None
 
 
+PART_DOCS = 100_000  # documents per filled part when the part count is derived from the corpus size
+
+
 def _part_of(key: str, num_parts: int) -> int:
     return stable_hash(key) % num_parts
 
@@ -483,7 +486,9 @@ class BuildMemoryBank(beam.PTransform):
         bank_dir: the bank directory to write (fsspec URL), e.g. `OUTPUT/_staging/memory_bank`.
         clip_model: the CLIP model name recorded in bank.json.
         index_factory: FAISS factory string; `choose_index_factory` from the bank size when None.
-        num_parts: parts the bank is filled in (fixed: it decides the faiss ids).
+        num_parts: parts the bank is filled in; None derives it from the corpus size (PART_DOCS
+            documents a part), so no worker ever holds more than one part's vectors. Either way it
+            follows from the input alone, as it decides the faiss ids.
         train_size: largest training sample (the lowest key hashes).
         nprobe: IVF lists probed per query; `default_nprobe` when None.
         dim: embedding dimension, needed only to write an empty bank from an empty input.
@@ -495,7 +500,7 @@ class BuildMemoryBank(beam.PTransform):
         bank_dir: str,
         clip_model: str,
         index_factory: str | None = None,
-        num_parts: int = 16,
+        num_parts: int | None = None,
         train_size: int = 2**17,
         nprobe: int | None = None,
         dim: int | None = None,
@@ -507,7 +512,9 @@ class BuildMemoryBank(beam.PTransform):
 
     def expand(self, examples):
         side = beam.pvalue
-        entries = examples | "ToParts" >> beam.Map(_entry, self._parts)
+        total = examples | "Count" >> beam.combiners.Count.Globally()
+        num_parts = total | "NumParts" >> beam.Map(lambda n, fixed: fixed or max(1, -(-n // PART_DOCS)), self._parts)
+        entries = examples | "ToParts" >> beam.Map(_entry, side.AsSingleton(num_parts))
         counts = entries | "PartSizes" >> beam.combiners.Count.PerKey()
         trained = (
             examples

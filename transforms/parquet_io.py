@@ -49,6 +49,18 @@ def read_table(path: str, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+ROWS_PER_FILE = 50_000  # when the file count follows the row count: bounds what one worker sorts and holds
+
+
+def _num_files(count: int, fixed: int | None, rows_per_file: int) -> int:
+    return fixed or max(1, -(-count // rows_per_file))
+
+
+def _bucketed(record, sort_key: Callable, n: int):
+    key = sort_key(record)
+    return stable_hash(key) % n, (key, record)
+
+
 class WriteSortedParquet(beam.PTransform):
     """PCollection[record] → `{directory}/{prefix}-BBBBB-of-NNNNN.parquet`, deterministic bytes.
 
@@ -57,8 +69,10 @@ class WriteSortedParquet(beam.PTransform):
         schema: the artifact's explicit pyarrow schema.
         to_rows: record → list of row dicts matching `schema`.
         sort_key: record → string; decides the bucket and the order within it.
-        num_buckets: files to spread the rows over (fixed, so reruns name files alike).
+        num_buckets: files to spread the rows over; None: one file per `rows_per_file` records,
+            from the record count (the same input always gives the same files).
         prefix: file name prefix.
+        rows_per_file: records a file holds at most on average when `num_buckets` is None.
     """
 
     def __init__(
@@ -67,30 +81,32 @@ class WriteSortedParquet(beam.PTransform):
         schema: pa.Schema,
         to_rows: Callable,
         sort_key: Callable,
-        num_buckets: int = 1,
+        num_buckets: int | None = None,
         prefix: str = "part",
+        rows_per_file: int = ROWS_PER_FILE,
     ):
         super().__init__()
         self._directory, self._schema, self._to_rows = directory, schema, to_rows
-        self._sort_key, self._n, self._prefix = sort_key, num_buckets, prefix
+        self._sort_key, self._n, self._prefix, self._rows_per_file = sort_key, num_buckets, prefix, rows_per_file
 
     def expand(self, pcoll):
+        count = pcoll | "Count" >> beam.combiners.Count.Globally()
+        n = count | "NumFiles" >> beam.Map(_num_files, self._n, self._rows_per_file)
         # Every bucket gets a file, empty or not, so readers always find the artifact and reruns
         # always write the same set of names.
-        every_bucket = pcoll.pipeline | "EveryBucket" >> beam.Create([(b, None) for b in range(self._n)])
-        keyed = pcoll | "Bucket" >> beam.Map(
-            lambda r: (stable_hash(self._sort_key(r)) % self._n, (self._sort_key(r), r))
-        )
+        every_bucket = n | "EveryBucket" >> beam.FlatMap(lambda k: [(b, None) for b in range(k)])
+        keyed = pcoll | "Bucket" >> beam.Map(_bucketed, self._sort_key, beam.pvalue.AsSingleton(n))
         return (
             (keyed, every_bucket)
             | "All" >> beam.Flatten()
             | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.MapTuple(self._write)
+            | "Write" >> beam.Map(self._write, beam.pvalue.AsSingleton(n))
         )
 
-    def _write(self, bucket: int, keyed) -> str:
+    def _write(self, grouped: tuple, n: int) -> str:
+        bucket, keyed = grouped
         present = [kr for kr in keyed if kr is not None]
         rows = [row for _, record in sorted(present, key=lambda kr: kr[0]) for row in self._to_rows(record)]
-        path = f"{self._directory}/{self._prefix}-{bucket:05d}-of-{self._n:05d}.parquet"
+        path = f"{self._directory}/{self._prefix}-{bucket:05d}-of-{n:05d}.parquet"
         write_table(path, pa.Table.from_pylist(rows, schema=self._schema))
         return path

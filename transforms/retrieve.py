@@ -387,9 +387,9 @@ def counts_rows(c: RetrievalCounts) -> list[dict]:
 class WriteNeighbours(beam.PTransform):
     """PCollection[Neighbour] → `{directory}/neighbours-BBBBB-of-NNNNN.parquet`, rows by (query_key, rank)."""
 
-    def __init__(self, directory: str, num_shards: int = 1):
+    def __init__(self, directory: str, num_shards: int | None = None):
         super().__init__()
-        self._directory, self._n = directory, num_shards
+        self._directory, self._n = directory, num_shards  # None: files follow the row count
 
     def expand(self, neighbours):
         return neighbours | "WriteSorted" >> WriteSortedParquet(
@@ -400,9 +400,9 @@ class WriteNeighbours(beam.PTransform):
 class WriteRetrievalCounts(beam.PTransform):
     """PCollection[RetrievalCounts] → `{directory}/counts-BBBBB-of-NNNNN.parquet`, rows by (query_key, via)."""
 
-    def __init__(self, directory: str, num_shards: int = 1):
+    def __init__(self, directory: str, num_shards: int | None = None):
         super().__init__()
-        self._directory, self._n = directory, num_shards
+        self._directory, self._n = directory, num_shards  # None: files follow the row count
 
     def expand(self, counts):
         return counts | "WriteSorted" >> WriteSortedParquet(
