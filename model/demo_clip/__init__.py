@@ -13,12 +13,22 @@ The checkpoint is an ordinary open_clip checkpoint (`{"state_dict": ...}`), so
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "demo-clip"  # the name open_clip knows the architecture by (the JSON file's stem)
 CONFIG_PATH = Path(__file__).with_name(f"{MODEL_NAME}.json")
 CHECKPOINT_PATH = Path(__file__).with_name("demo_clip.pt")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self._text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._text not in record.getMessage()
 
 
 def model_config() -> dict[str, Any]:
@@ -64,7 +74,13 @@ def load_demo_clip(checkpoint: str | Path = CHECKPOINT_PATH, device: str = "cpu"
             f"demo CLIP checkpoint {checkpoint} not found; train one with `cm3corpus fit-demo-clip`"
         )
     name = register_demo_clip()
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    # open_clip warns "initialized randomly" before the weights below are loaded: noise in every build.
+    quiet = _DropMessage("No pretrained weights loaded")
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     # weights_only: a checkpoint is data, never code (DESIGN "Determinism and safety").
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])  # float16 storage, copied into the float32 parameters
