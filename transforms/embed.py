@@ -281,6 +281,9 @@ def dropout_tokens(tokens, keys: Sequence[str], rate: float, seed: int):
     return torch.from_numpy(out)
 
 
+TEXT_BUCKET_ROWS = 32  # rows per length bucket of the fast text path
+
+
 class ClipEmbedder:
     """A loaded CLIP with its preprocess and tokenizer: what `ClipModelHandler.load_model()` returns.
 
@@ -311,7 +314,19 @@ class ClipEmbedder:
 
     def _encode_text(self, tokens) -> np.ndarray:
         tokens = tokens.to(self.device)
-        out = fast_encode_text(self.model, tokens) if self.fast_text else self.model.encode_text(tokens)
+        if not self.fast_text:
+            return _unit(self.model.encode_text(tokens).float().cpu().numpy())
+        # Length buckets: rows sorted by length and run in groups, each only up to its own longest
+        # row, so short rows (the dropped-out queries) do not pay for the longest caption.
+        lengths = (tokens != 0).sum(dim=1)
+        order = self._torch.argsort(lengths, stable=True)
+        out = self._torch.empty(0)
+        for start in range(0, len(order), TEXT_BUCKET_ROWS):
+            rows = order[start : start + TEXT_BUCKET_ROWS]
+            part = fast_encode_text(self.model, tokens[rows])
+            if start == 0:
+                out = part.new_empty((len(order), part.shape[1]))
+            out[rows] = part
         return _unit(out.float().cpu().numpy())
 
     def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
