@@ -83,7 +83,7 @@ def pipeline_run(args, examples) -> tuple[list, float]:
         embedded, _ = (
             p
             | beam.Create(examples)
-            | EmbedExamples(args.clip_model, args.clip_pretrained, args.device, args.batch_size)
+            | EmbedExamples(args.clip_model, args.clip_pretrained, device=args.device, batch_size=args.batch_size)
         )
         embedded | beam.Map(bench_embed._keep)
     return [bench_embed._COLLECTED.pop(e.key) for e in examples], time.perf_counter() - start

@@ -426,7 +426,7 @@ class ClipModelHandler(ModelHandler[Example, Any, ClipEmbedder]):
     ):
         super().__init__()
         self._clip_model, self._clip_pretrained, self._device = clip_model, clip_pretrained, device
-        self._batch_size, self._seed, self._query_dropout = batch_size, seed, query_dropout
+        self.batch_size, self._seed, self._query_dropout = batch_size, seed, query_dropout
         self._share = share_across_processes
 
     def load_model(self) -> ClipEmbedder:
@@ -526,28 +526,28 @@ class EmbedExamples(beam.PTransform):
     An example whose embedding fails (an image that will not decode, a batch that raises) becomes a
     `Reject(key, source, "stage_error", detail)` instead of failing the pipeline.
 
-    Args: as `ClipModelHandler`; `from_config` takes them from a BuildConfig.
+    Args: as `ClipModelHandler` (clip_model, clip_pretrained, then its keyword options); `from_config`
+    takes them from a BuildConfig.
     """
 
-    def __init__(
-        self,
-        clip_model: str,
-        clip_pretrained: str | None,
-        device: str = "cpu",
-        batch_size: int = 64,
-        seed: int = 0,
-        query_dropout: float = 0.2,
-    ):
+    def __init__(self, clip_model: str, clip_pretrained: str | None, **options: Any):
         super().__init__()
         # One model per GPU machine rather than per process: big towers, one device.
-        share = str(device).startswith("cuda")
-        self._handler = ClipModelHandler(clip_model, clip_pretrained, device, batch_size, seed, query_dropout, share)
-        self._batch_size = batch_size
+        options.setdefault("share_across_processes", str(options.get("device", "cpu")).startswith("cuda"))
+        self._handler = ClipModelHandler(clip_model, clip_pretrained, **options)
+        self._batch_size = self._handler.batch_size
 
     @classmethod
     def from_config(cls, cfg) -> EmbedExamples:
         """Build from a BuildConfig's clip_model, clip_pretrained, device, embed_batch_size, seed, query_dropout."""
-        return cls(cfg.clip_model, cfg.clip_pretrained, cfg.device, cfg.embed_batch_size, cfg.seed, cfg.query_dropout)
+        return cls(
+            cfg.clip_model,
+            cfg.clip_pretrained,
+            device=cfg.device,
+            batch_size=cfg.embed_batch_size,
+            seed=cfg.seed,
+            query_dropout=cfg.query_dropout,
+        )
 
     def expand(self, examples):
         batches = examples | "KeyedBatches" >> KeyedBatches(self._batch_size)
