@@ -22,7 +22,7 @@ from transforms.assemble import JoinNeighbours
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
-from transforms.rng import stable_hash
+from transforms.rng import is_held_out, stable_hash
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -59,8 +59,13 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     elif cfg.memory_bank:
         bank = cfg.memory_bank
     else:
+        # Held-out examples are queries but never documents: their sequences must not leak into
+        # training sequences as someone else's neighbours.
+        in_bank = embedded | "BankDocuments" >> beam.Filter(
+            lambda e, f: not is_held_out(e.key, f), cfg.holdout_fraction
+        )
         factory = cfg.index_factory
-        bank = embedded | "MemoryBank" >> BuildMemoryBank(bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed)
+        bank = in_bank | "MemoryBank" >> BuildMemoryBank(bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed)
     retrieved = embedded | "Retrieve" >> Retrieve(bank, RetrievalRules.from_config(cfg))
     retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours")
     retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts")
@@ -72,7 +77,14 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     embedded_keys = embedded | "EmbeddedKeys" >> beam.Map(lambda e: (e.key, None))
     joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys)
     samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc)
-    samples | "WriteShards" >> WriteShards(f"{staging}/shards", cfg.shard_max_samples, cfg.shard_max_bytes)
+    if cfg.holdout_fraction > 0:
+        train, held = samples | "Split" >> beam.Partition(
+            lambda s, _, f: int(is_held_out(s.key, f)), 2, cfg.holdout_fraction
+        )
+        held | "WriteHeldOut" >> WriteShards(f"{staging}/shards/heldout", cfg.shard_max_samples, cfg.shard_max_bytes)
+    else:
+        train = samples
+    train | "WriteShards" >> WriteShards(f"{staging}/shards", cfg.shard_max_samples, cfg.shard_max_bytes)
 
     rejects = (read_rejects, embed_rejects, token_rejects, sequence_rejects) | "AllRejects" >> beam.Flatten()
     rejects | "WriteRejects" >> WriteSortedParquet(

@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"demo data: {summary} → {data}", file=sys.stderr)
     build_corpus.run(
-        ["--input", f"{data}/*.tar", "--output", corpus, "--seed", str(args.seed), *demo_build_flags(), *build_flags]
+        ["--input", f"{data}/*.tar", "--output", corpus, "--seed", str(args.seed), *demo_build_flags()]
+        + ["--holdout_fraction=0.05", *build_flags]
     )
     if args.train_steps > 0:
         train_and_sample(corpus, f"{args.output}/train", args.train_steps, args.seed)
@@ -55,6 +56,7 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
 
     cfg = TrainConfig(
         shards=f"{corpus}/shards/cm3-*.tar",
+        eval_shards=f"{corpus}/shards/heldout/cm3-*.tar",
         output=run_dir,
         max_steps=steps,
         batch_size=8,

@@ -58,6 +58,13 @@ class CorpusOptions(PipelineOptions):
         a("--diversity_threshold", type=float, default=0.95, help="Skip candidates this similar to a selected one.")
         a("--query_dropout", type=float, default=0.2, help="Share of caption tokens dropped from the text query.")
         # Tokenizers, layout and shards.
+        a(
+            "--holdout_fraction",
+            type=float,
+            default=0.0,
+            help="Share of examples (chosen by key) kept out of the memory bank and written to shards/heldout/,"
+            " so evaluation queries never appear in training sequences as neighbours.",
+        )
         a("--text_tokenizer", default=None, help="A tokenizer.json to load instead of fitting BPE on the captions.")
         a("--text_vocab_size", type=int, default=56_320)
         a("--image_tokenizer", default=None, help="An image tokenizer file to load instead of fitting one.")
@@ -101,6 +108,7 @@ class BuildConfig:
     max_similarity: float = 0.9  # relevance rule threshold
     diversity_threshold: float = 0.95  # diversity rule threshold
     query_dropout: float = 0.2  # RA-CM3 query dropout rate
+    holdout_fraction: float = 0.0  # examples kept out of the bank and written to shards/heldout/
     text_tokenizer: str | None = None  # tokenizer.json to load
     text_vocab_size: int = 56_320  # BPE vocabulary size when fitting
     image_tokenizer: str | None = None  # image tokenizer file to load

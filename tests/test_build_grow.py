@@ -58,3 +58,24 @@ def test_new_documents_join_the_old_bank_without_a_rebuild(tmp_path):
     rows = read_table(str(tmp_path / "out_b" / "neighbours"), artifacts.NEIGHBOURS).to_pylist()
     docs = {r["doc_key"] for r in rows}
     assert any(d.startswith("new") for d in docs) and any(not d.startswith("new") for d in docs)
+
+
+def test_held_out_examples_are_queries_but_never_neighbours(tmp_path):
+    from transforms.rng import is_held_out
+
+    write_demo_corpus(str(tmp_path / "data"), num_examples=200, seed=4, shard_size=100)
+    stats = build(f"{tmp_path}/data/*.tar", tmp_path / "out", "--holdout_fraction=0.1")
+    keys = [
+        r["key"] for r in read_table(str(tmp_path / "out" / "embeddings"), artifacts.embeddings_schema(128)).to_pylist()
+    ]
+    held = {k for k in keys if is_held_out(k, 0.1)}
+    assert 5 < len(held) < 40
+    assert stats["examples_written"] == 200 == stats["examples_read"]
+    bank_keys = {r["key"] for r in pq.read_table(tmp_path / "out" / "memory_bank" / "ids.parquet").to_pylist()}
+    assert bank_keys == set(keys) - held
+    rows = read_table(str(tmp_path / "out" / "neighbours"), artifacts.NEIGHBOURS).to_pylist()
+    assert not held & {r["doc_key"] for r in rows}  # never a neighbour
+    assert held <= {r["query_key"] for r in rows}  # still retrieved for
+    train = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())["total"]["samples"]
+    heldout = json.loads((tmp_path / "out" / "shards" / "heldout" / "manifest.json").read_text())["total"]["samples"]
+    assert (train, heldout) == (200 - len(held), len(held))

@@ -45,3 +45,9 @@ def query_dropout(token_ids: list[int], rate: float, seed: int, key: str) -> lis
         return list(token_ids)
     drop = set(rng_for(seed, key, "query_dropout").choice(n, size=n_drop, replace=False).tolist())
     return [t for i, t in enumerate(token_ids) if i not in drop]
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """Whether `key` belongs to the held-out split: decided by the key alone, so the split is the same
+    for every seed, runner and corpus size, and an example never changes sides as a corpus grows."""
+    return fraction > 0 and stable_hash(f"held_out\x00{key}") % 1_000_000 < fraction * 1_000_000
