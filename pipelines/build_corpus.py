@@ -75,7 +75,12 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     tokenizers = examples | "FitTokenizers" >> FitTokenizers(f"{staging}/tokenizers", sc)
     docs, token_rejects = examples | "TokenizeDocs" >> TokenizeDocs(tokenizers)
     embedded_keys = embedded | "EmbeddedKeys" >> beam.Map(lambda e: (e.key, None))
-    joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys)
+    others = None
+    if cfg.neighbour_input:  # documents of the bank's own corpus: neighbours, never queries, not counted
+        other_units = expand_inputs(cfg.neighbour_input, cfg.input_format)
+        other_examples, _ = p | "ReadNeighbourDocs" >> ReadExamples(other_units, cfg, counters="neighbour_input_")
+        others, _ = other_examples | "TokenizeNeighbourDocs" >> TokenizeDocs(tokenizers, counters="neighbour_input_")
+    joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys, documents=others)
     samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc)
     if cfg.holdout_fraction > 0:
         train, held = samples | "Split" >> beam.Partition(

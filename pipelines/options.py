@@ -46,6 +46,12 @@ class CorpusOptions(PipelineOptions):
         # Memory bank and retrieval.
         a("--memory_bank", default=None, help="Retrieve from this prebuilt bank instead of building one.")
         a(
+            "--neighbour_input",
+            action="append",
+            help="With --memory_bank: the input of the corpus that bank was built from, so its documents"
+            " can stand in this run's sequences as neighbours (read and tokenized, never queries). Repeatable.",
+        )
+        a(
             "--extend_memory_bank",
             action="store_true",
             help="With --memory_bank: add this run's documents to a copy of that bank (written as this run's"
@@ -101,6 +107,7 @@ class BuildConfig:
     device: str = "cpu"  # cpu | cuda
     embed_batch_size: int = 64  # RunInference batch size
     memory_bank: str | None = None  # prebuilt bank directory
+    neighbour_input: tuple[str, ...] = ()  # the bank's own corpus: neighbour documents, never queries
     extend_memory_bank: bool = False  # grow a copy of --memory_bank with this run's documents
     index_factory: str | None = None  # FAISS factory string override
     retrieval_topk: int = 32  # candidates per query
@@ -131,6 +138,7 @@ class BuildConfig:
             raise SystemExit(f"cm3corpus build: {' and '.join(missing)} required (see cm3corpus build --help)")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in view.items() if k in fields}
-        inputs = values["input"]
-        values["input"] = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+        for name in ("input", "neighbour_input"):
+            given = values.get(name) or ()
+            values[name] = (given,) if isinstance(given, str) else tuple(given)
         return cls(**values)

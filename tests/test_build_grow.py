@@ -43,6 +43,8 @@ def test_new_documents_join_the_old_bank_without_a_rebuild(tmp_path):
         "--memory_bank",
         str(tmp_path / "out_a" / "memory_bank"),
         "--extend_memory_bank",
+        "--neighbour_input",
+        f"{tmp_path}/a/*.tar",
     )
     assert stats["examples_read"] == 60 == stats["examples_written"] + stats["examples_rejected"]
     assert stats["counters"]["memory_bank/documents_added"] == 60
@@ -58,6 +60,16 @@ def test_new_documents_join_the_old_bank_without_a_rebuild(tmp_path):
     rows = read_table(str(tmp_path / "out_b" / "neighbours"), artifacts.NEIGHBOURS).to_pylist()
     docs = {r["doc_key"] for r in rows}
     assert any(d.startswith("new") for d in docs) and any(not d.startswith("new") for d in docs)
+    # the old corpus's documents (--neighbour_input) stand in the new sequences; none went missing
+    assert stats["counters"].get("sequences/neighbours_without_document", 0) == 0
+    assert stats["counters"]["neighbour_input_read/examples_read"] == 120
+    placed = set()
+    for shard in sorted((tmp_path / "out_b" / "shards").glob("cm3-*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    placed |= set(json.loads(tf.extractfile(m).read())["neighbour_keys"])
+    assert any(not k.startswith("new") for k in placed)
 
 
 def test_held_out_examples_are_queries_but_never_neighbours(tmp_path):

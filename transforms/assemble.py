@@ -41,16 +41,21 @@ class JoinNeighbours(beam.PTransform):
         neighbours: PCollection[Neighbour].
         keep: optional PCollection of (key, anything): only these keys come out as queries (the
             examples that got through every earlier stage).
+        documents: optional extra (key, TokenizedDoc) pairs that can be neighbours but are never
+            queries (another corpus's documents, when retrieving from its bank).
     """
 
-    def __init__(self, neighbours, keep=None):
+    def __init__(self, neighbours, keep=None, documents=None):
         super().__init__()
-        self._neighbours, self._keep = neighbours, keep
+        self._neighbours, self._keep, self._documents = neighbours, keep, documents
 
     def expand(self, docs):
         by_doc = self._neighbours | "ByDocKey" >> beam.Map(lambda n: (n.doc_key, n))
+        candidates = docs if self._documents is None else (docs, self._documents) | "AllDocs" >> beam.Flatten()
         fetched = (
-            {"doc": docs, "wanted": by_doc} | "FetchDocs" >> beam.CoGroupByKey() | "ToQuery" >> beam.FlatMap(_fetch)
+            {"doc": candidates, "wanted": by_doc}
+            | "FetchDocs" >> beam.CoGroupByKey()
+            | "ToQuery" >> beam.FlatMap(_fetch)
         )
         inputs = {"query": docs, "neighbours": fetched}
         if self._keep is not None:

@@ -305,9 +305,9 @@ def fetch_parts(sample: RawSample, budgets: Budgets) -> RawSample | Reject:
 class _ReadAndValidate(beam.DoFn):
     """Reads one unit and validates each of its samples; rejects go to the REJECTED output."""
 
-    def __init__(self, cfg):
-        self._cfg = cfg
-        self._read = Metrics.counter("read", "examples_read")
+    def __init__(self, cfg, read_ns: str, reject_ns: str):
+        self._cfg, self._reject_ns = cfg, reject_ns
+        self._read = Metrics.counter(read_ns, "examples_read")
 
     def process(self, unit):
         budgets = _budgets(self._cfg)
@@ -319,7 +319,7 @@ class _ReadAndValidate(beam.DoFn):
             if isinstance(item, RawSample):
                 item = validate(item, budgets, self._cfg.caption_ext)
             if isinstance(item, Reject):
-                Metrics.counter("rejected", item.reason).inc()
+                Metrics.counter(self._reject_ns, item.reason).inc()
                 progress.note("rejected")
                 yield beam.pvalue.TaggedOutput(REJECTED, item)
             else:
@@ -327,13 +327,13 @@ class _ReadAndValidate(beam.DoFn):
                 yield item.key, (order, item)
 
 
-def _first_of_duplicates(keyed):
+def _first_of_duplicates(keyed, reject_ns: str):
     """Keep the first occurrence of a key by source order; the others become duplicate_key rejects."""
     key, examples = keyed
     ordered = sorted(examples, key=lambda e: e[0])
     yield ordered[0][1]
     for _, dup in ordered[1:]:
-        Metrics.counter("rejected", "duplicate_key").inc()
+        Metrics.counter(reject_ns, "duplicate_key").inc()
         yield beam.pvalue.TaggedOutput(
             REJECTED, Reject(key, dup.source, "duplicate_key", f"first: {ordered[0][1].source}")
         )
@@ -345,24 +345,30 @@ class ReadExamples(beam.PTransform):
     Args:
         units: from `expand_inputs`, resolved on the driver.
         cfg: a BuildConfig (columns and budgets).
+        counters: namespace prefix of its counters; the run's accounting (`stats.json`) reads the
+            default one, so inputs that are not this run's examples (neighbour documents) use another.
     """
 
-    def __init__(self, units: list[tuple[str, str]], cfg):
+    def __init__(self, units: list[tuple[str, str]], cfg, counters: str = ""):
         super().__init__()
         self._units = units
         self._cfg = cfg
+        self._read_ns, self._reject_ns = (f"{counters}read", f"{counters}rejected")
 
     def expand(self, pbegin):
         read = (
             pbegin
             | "Units" >> beam.Create(self._units)
             | "Spread" >> beam.Reshuffle()
-            | "ReadValidate" >> beam.ParDo(_ReadAndValidate(self._cfg)).with_outputs(REJECTED, main="examples")
+            | "ReadValidate"
+            >> beam.ParDo(_ReadAndValidate(self._cfg, self._read_ns, self._reject_ns)).with_outputs(
+                REJECTED, main="examples"
+            )
         )
         unique = (
             read.examples
             | "ByKey" >> beam.GroupByKey()
-            | "Dedup" >> beam.FlatMap(_first_of_duplicates).with_outputs(REJECTED, main="examples")
+            | "Dedup" >> beam.FlatMap(_first_of_duplicates, self._reject_ns).with_outputs(REJECTED, main="examples")
         )
         rejects = (read[REJECTED], unique[REJECTED]) | "AllRejects" >> beam.Flatten()
         return unique.examples, rejects

@@ -151,6 +151,9 @@ def load_once(directory: str) -> tuple:
 
 
 class _TokenizeDoc(beam.DoFn):
+    def __init__(self, reject_ns: str = "rejected"):
+        self._reject_ns = reject_ns
+
     def process(self, example: Example, directory: str):
         from transforms.tokenize import encode_caption, encode_image
 
@@ -161,7 +164,7 @@ class _TokenizeDoc(beam.DoFn):
             if example.image is not None:
                 image = np.asarray(encode_image(image_tok, vocab, _decode_rgb(example.image)), np.int32)
         except Exception as e:  # a document that cannot be tokenized is rejected, not fatal
-            Metrics.counter("rejected", "stage_error").inc()
+            Metrics.counter(self._reject_ns, "stage_error").inc()
             yield beam.pvalue.TaggedOutput(
                 FAILED, Reject(example.key, example.source, "stage_error", f"tokenize: {describe_error(e)}")
             )
@@ -171,15 +174,18 @@ class _TokenizeDoc(beam.DoFn):
 
 
 class TokenizeDocs(beam.PTransform):
-    """PCollection[Example] → ((key, TokenizedDoc) pairs, Rejects), given the tokenizers directory."""
+    """PCollection[Example] → ((key, TokenizedDoc) pairs, Rejects), given the tokenizers directory.
 
-    def __init__(self, tokenizers_dir):
+    `counters` prefixes the reject counter's namespace, as in `ReadExamples`.
+    """
+
+    def __init__(self, tokenizers_dir, counters: str = ""):
         super().__init__()
-        self._dir = tokenizers_dir
+        self._dir, self._reject_ns = tokenizers_dir, f"{counters}rejected"
 
     def expand(self, examples):
         side = beam.pvalue.AsSingleton(self._dir)
-        out = examples | "Tokenize" >> beam.ParDo(_TokenizeDoc(), side).with_outputs(FAILED, main="docs")
+        out = examples | "Tokenize" >> beam.ParDo(_TokenizeDoc(self._reject_ns), side).with_outputs(FAILED, main="docs")
         return out.docs, out[FAILED]
 
 
