@@ -229,6 +229,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     """Parse flags, run the pipeline, finalize outputs; returns the stats dict."""
     import fsspec
 
+    if argv is not None and ({"-h", "--help"} & set(argv)):
+        print_help()
+        raise SystemExit(0)
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
     units = expand_inputs(cfg.input, cfg.input_format)
@@ -247,6 +250,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if not stats["accounted"]:
         raise RuntimeError(f"accounting failed: read {stats['examples_read']} != written + rejected; see stats.json")
     return stats
+
+
+def print_help() -> None:
+    """The build's own flags; Beam's (`--runner`, `--direct_num_workers`, ...) pass through."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cm3corpus build",
+        description="Build a retrieval-augmented CM3 corpus (see README.md). Any Beam pipeline option "
+        "(--runner, --direct_running_mode, --direct_num_workers, --project, --setup_file, ...) passes through.",
+    )
+    CorpusOptions._add_argparse_args(parser)
+    parser.print_help()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,3 +54,14 @@ def test_missing_input_or_output_is_a_clear_error_and_other_pipelines_still_pars
     with pytest.raises(SystemExit, match="--input and --output required"):
         BuildConfig.from_options(PipelineOptions([]).view_as(CorpusOptions))
     assert PipelineOptions([]).get_all_options()["input"] is None  # any pipeline parses every options class
+
+
+def test_build_help_lists_the_build_flags(capsys):
+    from pipelines import build_corpus
+
+    with pytest.raises(SystemExit) as e:
+        build_corpus.run(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--input", "--output", "--clip_model", "--memory_bank", "--holdout_fraction", "--seq_len"):
+        assert flag in out
