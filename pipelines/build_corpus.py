@@ -36,7 +36,7 @@ def _reject_rows(r: Reject) -> list[dict]:
 
 
 def _reject_sort_key(r: Reject) -> str:
-    return f"{r.source}\x00{r.key}\x00{r.reason}"
+    return f"{r.source}\x00{r.key}\x00{r.reason}\x00{r.detail}"
 
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
@@ -54,16 +54,14 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
         f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, None, "embeddings", 20_000
     )
     bank_dir = f"{staging}/memory_bank"
+    # Held-out examples are queries but never documents: their sequences must not leak into
+    # training sequences as someone else's neighbours.
+    in_bank = embedded | "BankDocuments" >> beam.Filter(lambda e, f: not is_held_out(e.key, f), cfg.holdout_fraction)
     if cfg.memory_bank and cfg.extend_memory_bank:
-        bank = embedded | "ExtendMemoryBank" >> ExtendMemoryBank(cfg.memory_bank, bank_dir)
+        bank = in_bank | "ExtendMemoryBank" >> ExtendMemoryBank(cfg.memory_bank, bank_dir)
     elif cfg.memory_bank:
         bank = cfg.memory_bank
     else:
-        # Held-out examples are queries but never documents: their sequences must not leak into
-        # training sequences as someone else's neighbours.
-        in_bank = embedded | "BankDocuments" >> beam.Filter(
-            lambda e, f: not is_held_out(e.key, f), cfg.holdout_fraction
-        )
         factory = cfg.index_factory
         bank = in_bank | "MemoryBank" >> BuildMemoryBank(bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed)
     retrieved = embedded | "Retrieve" >> Retrieve(bank, RetrievalRules.from_config(cfg))
@@ -205,10 +203,11 @@ def finalize(output: str, stats: dict) -> None:
     fs.makedirs(root, exist_ok=True)
     staging = f"{root}/{STAGING}"
     for name in ARTIFACTS:
+        if not fs.exists(f"{staging}/{name}"):
+            continue  # not made by this run (e.g. a prebuilt --memory_bank, possibly this very folder)
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
-        if fs.exists(f"{staging}/{name}"):
-            fs.mv(f"{staging}/{name}", f"{root}/{name}", recursive=True)
+        fs.mv(f"{staging}/{name}", f"{root}/{name}", recursive=True)
     _render_report(fs, root, stats)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
@@ -235,6 +234,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
     units = expand_inputs(cfg.input, cfg.input_format)
+    from transforms import sequences
+
+    sequences.forget_loaded()  # an in-process runner reuses this module: last run's tokenizers are stale
     fs, root = fsspec.core.url_to_fs(cfg.output)
     if fs.exists(f"{root}/{STAGING}"):  # left by an interrupted run: start its staging afresh
         fs.rm(f"{root}/{STAGING}", recursive=True)

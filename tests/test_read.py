@@ -177,3 +177,14 @@ def test_folder_of_images_with_sidecars(tmp_path):
         ex = validate(fetch_parts(raw, BUDGETS), BUDGETS)
         got[ex.key] = ex.modality
     assert got == {"one": "image+text", "two": "image", "three": "text"}
+
+
+def test_folder_entries_are_not_samples(tmp_path):
+    path = tmp_path / "d.tar"
+    with tarfile.open(path, "w") as tf:
+        folder = tarfile.TarInfo("shard")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+        add_member(tf, "shard/a.txt", b"a caption")
+    items = read_all(path)
+    assert [(i.key, type(i).__name__) for i in items] == [("shard_a", "RawSample")]

@@ -31,6 +31,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from schemas.records import EmbeddedExample, Example, Reject
 from transforms.rng import query_dropout, stable_hash
+from transforms.validate import describe_error
 
 NAMESPACE = "embed"
 FAILED = "failed"  # tag of the reject output of EmbedExamples
@@ -374,7 +375,7 @@ class ClipEmbedder:
                 try:
                     pixels[i] = fut.result()
                 except Exception as e:  # undecodable: ingest should have caught it; reject, don't crash
-                    errors[i] = f"image_undecodable: {type(e).__name__}: {e}"
+                    errors[i] = f"image_undecodable: {describe_error(e)}"
             order = sorted(pixels)
             image_emb = dict(zip(order, self._encode_pixels([pixels[i] for i in order]), strict=True)) if order else {}
         return [
@@ -481,9 +482,7 @@ def _batch_rejects(failed: tuple[Sequence[Sequence[Example]], Exception]) -> lis
     groups, error = failed
     batch = [e for group in groups for e in group]
     Metrics.counter("rejected", "stage_error").inc(len(batch))
-    return [
-        Reject(e.key, e.source, "stage_error", f"embed batch failed: {type(error).__name__}: {error}") for e in batch
-    ]
+    return [Reject(e.key, e.source, "stage_error", f"embed batch failed: {describe_error(error)}") for e in batch]
 
 
 def _bucket(example: Example, batch_size: int, count: int) -> tuple[int, Example]:

@@ -132,6 +132,8 @@ def read_tar(url: str, budgets: Budgets) -> Iterator[RawSample | Reject]:
     try:
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
             for member in _members(tf):
+                if member.isdir():  # folder entries are not samples
+                    continue
                 match = _MEMBER.match(member.name)
                 raw_key = match.group(1) if match else member.name
                 key = safe_key(raw_key)
@@ -141,8 +143,6 @@ def read_tar(url: str, budgets: Budgets) -> Iterator[RawSample | Reject]:
                     current = RawSample(key, f"{url}::{raw_key}", (url, position))
                     problem = None
                     position += 1
-                if member.isdir():
-                    continue
                 unsafe = _unsafe_member(member, match)
                 if unsafe:
                     problem = problem or ("unsafe_member", f"{member.name!r}: {unsafe}")

@@ -140,6 +140,12 @@ _loaded: dict[str, tuple] = {}
 _loaded_lock = threading.Lock()
 
 
+def forget_loaded() -> None:
+    """Drop cached tokenizers (a new build may rewrite the same directory)."""
+    with _loaded_lock:
+        _loaded.clear()
+
+
 def load_once(directory: str) -> tuple:
     """(text tokenizer, image tokenizer, vocab) of `directory`, loaded once per process."""
     from transforms.tokenize import load_tokenizers
