@@ -15,6 +15,21 @@ import pyarrow as pa
 from transforms.rng import stable_hash
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` (any fsspec URL) under a unique temporary name, then rename it into place."""
+    import uuid
+
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    if "/" in target:
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # unique, so a retried or speculative task never shares it
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, target)
+
+
 def write_table(path: str, table: pa.Table) -> None:
     """Write `table` to `path` (any fsspec URL) under a temporary name, then rename it into place."""
     import fsspec

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from transforms.parquet_io import write_bytes
 from transforms.rng import stable_hash
 
 SHARD_PREFIX = "cm3"
@@ -154,19 +155,6 @@ def split_bucket(samples: Iterable[ShardSample], max_samples: int, max_bytes: in
     return parts
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    """Write a small file under a temporary name, then rename it into place."""
-    import fsspec
-
-    fs, target = fsspec.core.url_to_fs(path)
-    if "/" in target:
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, target)
-
-
 class _HashingWriter:
     """A write-only stream that hashes and counts what passes through to `sink`."""
 
@@ -249,7 +237,7 @@ def write_manifest(directory: str, rows: Iterable[ManifestRow]) -> None:
         "shards": dicts,
         "total": {f: sum(d[f] for d in dicts) for f in ("samples", "tokens", "bytes")},
     }
-    _write_bytes(f"{directory}/{MANIFEST_JSON}", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(f"{directory}/{MANIFEST_JSON}", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
 
 
 __all__ = [

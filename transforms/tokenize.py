@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import math
-import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from schemas.vocab import Vocab
+from transforms.parquet_io import write_bytes
 from transforms.rng import rng_for
 
 if TYPE_CHECKING:
@@ -40,19 +40,6 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp, fixed so saved
 
 
 # --------------------------------------------------------------------------------------- files
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` (any fsspec URL) under a temporary name, then rename it into place."""
-    import fsspec
-
-    fs, target = fsspec.core.url_to_fs(path)
-    parent = target.rsplit("/", 1)[0] if "/" in target else "."
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, target)
 
 
 def _read_bytes(path: str) -> bytes:
@@ -252,7 +239,7 @@ class PatchVQTokenizer:
         )
 
     def save(self, path: str) -> None:
-        _write_bytes(path, self.to_bytes())
+        write_bytes(path, self.to_bytes())
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PatchVQTokenizer:
@@ -359,9 +346,9 @@ def build_vocab(text_tok: tokenizers.Tokenizer, image_tok: ImageTokenizer, num_s
 
 def write_tokenizers(directory: str, text_tok: tokenizers.Tokenizer, image_tok: ImageTokenizer, vocab: Vocab) -> None:
     """Write `text_tokenizer.json`, `image_tokenizer.npz` and `vocab.json` under `directory`."""
-    _write_bytes(f"{directory}/{TEXT_TOKENIZER_FILE}", text_tok.to_str(pretty=True).encode("utf-8"))
+    write_bytes(f"{directory}/{TEXT_TOKENIZER_FILE}", text_tok.to_str(pretty=True).encode("utf-8"))
     image_tok.save(f"{directory}/{IMAGE_TOKENIZER_FILE}")
-    _write_bytes(f"{directory}/{VOCAB_FILE}", vocab.to_json().encode("utf-8"))
+    write_bytes(f"{directory}/{VOCAB_FILE}", vocab.to_json().encode("utf-8"))
 
 
 def load_tokenizers(directory: str) -> tuple[tokenizers.Tokenizer, ImageTokenizer, Vocab]:
