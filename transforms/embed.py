@@ -6,10 +6,13 @@ retrieval's text query) and `doc_emb = normalize(mean(image_emb, text_emb))`, or
 is. All are float32 and unit norm. The model is loaded once per worker process by
 `ClipModelHandler.load_model()`; Beam's RunInference batches the examples.
 
-Two levers make this stage faster than a plain loop over open_clip (`benchmarks/bench_embed.py`):
-- the text transformer is causal and pools at the end-of-text token, so each text batch runs only up
-  to its longest caption instead of all 77 positions (`fast_encode_text`), checked at load time
-  against `model.encode_text` and skipped for text towers where it does not hold;
+What makes this stage faster than a plain loop over open_clip (`benchmarks/bench_embed.py`), each
+checked against open_clip's own encoders when the model loads and skipped where it does not hold:
+- text: the transformer is causal and pools at the end-of-text token, so no padding needs running
+  and rows sharing a prefix (a caption and its dropped-out query, duplicate captions, common
+  openings) share its states: the batch runs as a prefix trie (`clip_lean.lean_encode_text`). Where
+  only the causal part holds, each batch runs up to its longest row (`fast_encode_text`);
+- both towers: the last block runs only at the pooled position (`clip_lean`);
 - images are decoded and preprocessed on a thread pool while the text batch runs.
 """
 
@@ -30,6 +33,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from schemas.records import EmbeddedExample, Example, Reject
+from transforms.clip_lean import (
+    lean_encode_image,
+    lean_encode_text,
+    lean_image_applies,
+    lean_text_applies,
+    text_tower,
+)
 from transforms.rng import query_dropout, stable_hash
 from transforms.validate import describe_error
 
@@ -180,23 +190,6 @@ def clip_embed_dim(clip_model: str) -> int:
     return int(cfg["embed_dim"])
 
 
-def _text_tower(model) -> tuple[Any, str, int | None] | None:
-    """(tower, pool type, eos id) when the model has open_clip's standard causal text transformer, else None."""
-    if hasattr(model, "token_embedding"):  # CLIP keeps the text tower's parts on the model itself
-        tower, pool, eos = model, getattr(model, "text_pool_type", None), getattr(model, "text_eos_id", None)
-    elif hasattr(getattr(model, "text", None), "token_embedding"):  # CustomTextCLIP with a TextTransformer
-        tower = model.text
-        pool, eos = getattr(tower, "pool_type", None), getattr(tower, "eos_id", None)
-        if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
-            return None  # a trailing CLS token or a padding mask sees the padded positions
-    else:
-        return None  # e.g. a Hugging Face text tower
-    # Causal attention only, pooled at a token that is never padding; "last" pools the padding itself.
-    if getattr(tower, "attn_mask", None) is None or pool not in ("argmax", "eos", "first"):
-        return None
-    return tower, pool, eos
-
-
 def fast_encode_text(model, tokens):
     """`model.encode_text(tokens)` computed only up to the batch's longest sequence.
 
@@ -215,7 +208,7 @@ def fast_encode_text(model, tokens):
     import torch
     from open_clip.transformer import text_global_pool
 
-    spec = _text_tower(model)
+    spec = text_tower(model)
     if spec is None:
         raise ValueError("fast_encode_text needs open_clip's causal text transformer; use encode_text")
     tower, pool, eos = spec
@@ -241,7 +234,7 @@ def fast_text_applies(model, tokenizer) -> bool:
     """Whether `fast_encode_text` matches `model.encode_text` on a probe batch (max abs diff within tolerance)."""
     import torch
 
-    if _text_tower(model) is None:
+    if text_tower(model) is None:
         return False
     param = next(model.parameters())
     tokens = tokenizer(list(_PROBE_CAPTIONS)).to(param.device)
@@ -276,7 +269,8 @@ def dropout_tokens(tokens, keys: Sequence[str], rate: float, seed: int):
     rows = tokens.cpu().numpy()  # numpy rows: a python loop over torch rows costs more than the model here
     out = np.zeros_like(rows)
     for i, (row, key) in enumerate(zip(rows, keys, strict=True)):
-        ids = row[row != 0].tolist()  # [start, content..., end]
+        nonzero = np.flatnonzero(row)
+        ids = row[: nonzero[-1] + 1 if len(nonzero) else 0].tolist()  # [start, content..., end]; id 0 may be content
         kept = [ids[0], *query_dropout(ids[1:-1], rate, seed, key), ids[-1]] if len(ids) > 2 else ids
         out[i, : len(kept)] = kept
     return torch.from_numpy(out)
@@ -297,10 +291,20 @@ class ClipEmbedder:
 
         self.model, self.preprocess, self.tokenizer, self.device = model, preprocess, tokenizer, device
         self.dtype = next(model.parameters()).dtype
-        self.fast_text = fast_text_applies(model, tokenizer)
+        # Text: prefix-shared pass > sliced pass > open_clip's encode_text, the first that matches open_clip.
+        self.lean_text = lean_text_applies(model, tokenizer)
+        self.fast_text = self.lean_text or fast_text_applies(model, tokenizer)
+        self.lean_image = lean_image_applies(model)
+        self.text_stats: dict[str, int] = {}  # positions a padded-to-row-length pass needs vs computed
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="clip-decode")
         self._unreported_loads = 1
         self._torch = torch
+
+    @property
+    def paths(self) -> str:
+        """Which forward each tower runs, for logs and benchmarks."""
+        text = "prefix-shared" if self.lean_text else "sliced" if self.fast_text else "open_clip"
+        return f"text {text}, image {'pooled-only last block' if self.lean_image else 'open_clip'}"
 
     def take_load_report(self) -> int:
         """1 the first time it is asked (so the load is counted inside a bundle), then 0."""
@@ -315,6 +319,8 @@ class ClipEmbedder:
 
     def _encode_text(self, tokens) -> np.ndarray:
         tokens = tokens.to(self.device)
+        if self.lean_text:
+            return _unit(lean_encode_text(self.model, tokens, self.text_stats).float().cpu().numpy())
         if not self.fast_text:
             return _unit(self.model.encode_text(tokens).float().cpu().numpy())
         # Length buckets: rows sorted by length and run in groups, each only up to its own longest
@@ -343,7 +349,8 @@ class ClipEmbedder:
 
     def _encode_pixels(self, pixels: list) -> np.ndarray:
         batch = self._torch.stack(pixels).to(self.device, self.dtype)  # (N, 3, H, W)
-        return _unit(self.model.encode_image(batch).float().cpu().numpy())
+        features = lean_encode_image(self.model, batch) if self.lean_image else self.model.encode_image(batch)
+        return _unit(features.float().cpu().numpy())
 
     def embed(
         self, items: Sequence[tuple[str, bytes | None, str | None]], seed: int, dropout: float
