@@ -89,7 +89,11 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
         train = samples
     train | "WriteShards" >> WriteShards(f"{staging}/shards", cfg.shard_max_samples, cfg.shard_max_bytes)
 
-    rejects = (read_rejects, embed_rejects, token_rejects, sequence_rejects) | "AllRejects" >> beam.Flatten()
+    rejects = (
+        (read_rejects, embed_rejects, token_rejects, sequence_rejects)
+        | "AllRejects" >> beam.Flatten()
+        | "OnePerExample" >> OneRejectPerExample()
+    )
     rejects | "WriteRejects" >> WriteSortedParquet(
         f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, prefix="rejects"
     )
@@ -97,6 +101,34 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
 
 def _key(record) -> str:
     return record.key
+
+
+class OneRejectPerExample(beam.PTransform):
+    """Fold the `stage_error` rejects of one example (same key and source) into one.
+
+    Embedding and tokenizing both see every example, so one example can fail in both; counted twice
+    it would break read == written + rejected. Other reasons come from ingest, once per sample.
+    """
+
+    def expand(self, rejects):
+        other, stage = rejects | "ByReason" >> beam.Partition(lambda r, _: int(r.reason == "stage_error"), 2)
+        folded = (
+            stage
+            | "ByExample" >> beam.Map(lambda r: ((r.key, r.source), r))
+            | "Group" >> beam.GroupByKey()
+            | "Fold" >> beam.Map(_fold_rejects)
+        )
+        return (other, folded) | "Merge" >> beam.Flatten()
+
+
+def _fold_rejects(keyed: tuple[tuple[str, str], Sequence[Reject]]) -> Reject:
+    from apache_beam.metrics import Metrics
+
+    (key, source), rejects = keyed
+    details = sorted({r.detail for r in rejects})
+    if len(rejects) > 1:  # each was counted where it was made
+        Metrics.counter("rejected", "stage_error").dec(len(rejects) - 1)
+    return Reject(key, source, "stage_error", "; ".join(details))
 
 
 class ReportSample(beam.PTransform):

@@ -109,3 +109,34 @@ def test_every_transform_pickles_for_remote_workers(corpus, tmp_path):
     assert len(pardos) > 20
     for transform in p.transforms_stack[0].parts:
         pickler.loads(pickler.dumps(transform.transform))
+
+
+def test_an_example_failing_in_two_branches_is_rejected_once(corpus, tmp_path, monkeypatch):
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    import transforms.embed as embed
+    import transforms.tokenize as tokenize
+
+    with tarfile.open(sorted((corpus / "data").glob("*.tar"))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".txt"))
+        victim_key, victim_caption = member.name.rsplit(".", 1)[0], tar.extractfile(member).read().decode().strip()
+    real_encode, real_embed = tokenize.encode_caption, embed.ClipEmbedder.embed
+
+    def failing_encode(text_tok, vocab, caption):
+        if caption == victim_caption:
+            raise RuntimeError("injected tokenize fault")
+        return real_encode(text_tok, vocab, caption)
+
+    def failing_embed(self, items, seed, dropout):
+        out = real_embed(self, items, seed, dropout)
+        return ["injected embed fault" if key == victim_key else r for (key, _, _), r in zip(items, out, strict=True)]
+
+    monkeypatch.setattr(tokenize, "encode_caption", failing_encode)
+    monkeypatch.setattr(embed.ClipEmbedder, "embed", failing_embed)
+    stats = build_corpus.run(argv(corpus / "data", tmp_path / "out"))
+    rejects = [r for r in pq.read_table(tmp_path / "out" / "rejects").to_pylist() if r["key"] == victim_key]
+    assert len(rejects) == 1, rejects
+    assert "injected embed fault" in rejects[0]["detail"] and "injected tokenize fault" in rejects[0]["detail"]
+    assert stats["accounted"] and stats["examples_read"] == NUM_EXAMPLES
