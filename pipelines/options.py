@@ -141,4 +141,8 @@ class BuildConfig:
         for name in ("input", "neighbour_input"):
             given = values.get(name) or ()
             values[name] = (given,) if isinstance(given, str) else tuple(given)
+        if not values.get("memory_bank"):
+            needing = [f"--{n}" for n in ("neighbour_input", "extend_memory_bank") if values.get(n)]
+            if needing:  # they only mean something with another build's bank; never ignore them silently
+                raise SystemExit(f"cm3corpus build: {' and '.join(needing)} need --memory_bank DIR (a prebuilt bank)")
         return cls(**values)

@@ -56,6 +56,18 @@ def test_missing_input_or_output_is_a_clear_error_and_other_pipelines_still_pars
     assert PipelineOptions([]).get_all_options()["input"] is None  # any pipeline parses every options class
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--neighbour_input", "a/*.tar"], ["--extend_memory_bank"], ["--extend_memory_bank", "--neighbour_input=x"]],
+)
+def test_bank_flags_without_a_bank_are_an_error_not_ignored(flags):
+    base = ["--input", "in/*.tar", "--output", "out"]
+    with pytest.raises(SystemExit, match="need --memory_bank"):
+        BuildConfig.from_options(PipelineOptions(base + flags))
+    cfg = BuildConfig.from_options(PipelineOptions(base + flags + ["--memory_bank", "bank"]))
+    assert cfg.memory_bank == "bank"
+
+
 def test_build_help_lists_the_build_flags(capsys):
     from pipelines import build_corpus
 
