@@ -30,7 +30,7 @@ ROOT = HERE.parent
 # Small sizes for scripts that have no --quick flag of their own. bench_retrieve runs at its default size
 # (about 10 s): at 10k documents the bare search is so fast that the fixed rule overhead fails the target.
 QUICK_ARGS = {
-    "bench_embed": ["--examples", "256", "--repeats", "2"],
+    "bench_embed": ["--clip_model", "demo", "--examples", "256", "--repeats", "2"],
     "bench_train": ["--steps", "10", "--repeats", "2", "--shards", "2", "--samples_per_shard", "128"],
 }
 

@@ -73,12 +73,18 @@ def split_eval(urls: Sequence[str], eval_pattern: str | None = None) -> tuple[li
 
     Args:
         urls: all shards.
-        eval_pattern: the held-out shards; "none" for no evaluation; None holds out the last shard
-            of `urls` when there are at least two.
+        eval_pattern: the held-out shards; "none" for no evaluation; None takes the build's
+            `heldout/` shards beside the (local) training shards when there are any (`--holdout_fraction`:
+            their queries never served as training neighbours), else holds out the last shard of
+            `urls` when there are at least two.
     """
     urls = list(urls)
     if eval_pattern == "none":
         return urls, []
+    if eval_pattern is None and urls and "://" not in urls[0] and not urls[0].startswith("pipe:"):
+        heldout = sorted(glob.glob(os.path.join(os.path.dirname(urls[0]), "heldout", "*.tar")))
+        if heldout:
+            return [u for u in urls if u not in set(heldout)], heldout
     if eval_pattern:
         held = expand_shards(eval_pattern)
         return [u for u in urls if u not in set(held)], held

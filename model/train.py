@@ -42,7 +42,8 @@ METRICS = "metrics.jsonl"
 class TrainConfig:
     shards: str  # shard pattern (braces, globs, `::`-separated lists)
     output: str  # run directory: metrics.jsonl and ckpt.pt
-    eval_shards: str | None = None  # held-out shards; unset: the last shard of --shards; "none": no evaluation
+    # held-out shards; unset: the build's shards/heldout/ if any, else the last shard; "none": no evaluation
+    eval_shards: str | None = None
     vocab: str | None = None  # vocab.json; default: tokenizers/vocab.json beside the shards' folder
     max_steps: int = 1000  # optimizer steps (one batch each)
     batch_size: int = 8  # sequences per step

@@ -94,6 +94,21 @@ def test_expand_shards_braces_globs_and_eval_split(corpus):
     assert find_vocab(braces) == SYNTHETIC_VOCAB  # tokenizers/vocab.json beside shards/
 
 
+def test_default_evaluation_is_the_builds_heldout_shards(corpus, tmp_path):
+    import shutil
+
+    source = expand_shards(str(corpus / "shards" / "cm3-*.tar"))
+    (tmp_path / "shards" / "heldout").mkdir(parents=True)
+    for url in source[:3]:
+        shutil.copy(url, tmp_path / "shards")
+    shutil.copy(source[3], tmp_path / "shards" / "heldout")
+    train_urls = expand_shards(str(tmp_path / "shards" / "cm3-*.tar"))
+    heldout = [str(tmp_path / "shards" / "heldout" / source[3].rsplit("/", 1)[1])]
+    assert split_eval(train_urls) == (train_urls, heldout)  # all training shards train; heldout/ evaluates
+    assert split_eval(train_urls, "none") == (train_urls, [])
+    assert split_eval(train_urls, train_urls[0]) == (train_urls[1:], train_urls[:1])  # explicit wins
+
+
 def test_decode_tokens_refuses_pickles_and_out_of_vocab_ids():
     assert decode_tokens(_npy(np.array([1, 5, 2], np.int32))).tolist() == [1, 5, 2]
     buf = io.BytesIO()
