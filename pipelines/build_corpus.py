@@ -76,7 +76,10 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     others = None
     if cfg.neighbour_input:  # documents of the bank's own corpus: neighbours, never queries, not counted
         other_units = expand_inputs(cfg.neighbour_input, cfg.input_format)
-        other_examples, _ = p | "ReadNeighbourDocs" >> ReadExamples(other_units, cfg, counters="neighbour_input_")
+        other_examples, _ = p | "ReadNeighbourDocs" >> ReadExamples(
+            other_units, cfg, counters="neighbour_input_", key_prefix=cfg.neighbour_key_prefix
+        )
+        (examples, other_examples) | "KeysDistinct" >> FailOnSharedKeys()
         others, _ = other_examples | "TokenizeNeighbourDocs" >> TokenizeDocs(tokenizers, counters="neighbour_input_")
     joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys, documents=others)
     samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc)
@@ -101,6 +104,35 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
 
 def _key(record) -> str:
     return record.key
+
+
+class FailOnSharedKeys(beam.PTransform):
+    """Fail the run when this run's examples and the --neighbour_input documents share a key.
+
+    Neighbour documents are joined to neighbours by key, so a shared key would put one corpus's
+    document where the other's was retrieved, silently. img2dataset keys are shard/row numbers and
+    repeat across corpora: `--key_prefix` (this run) and `--neighbour_key_prefix` keep them apart.
+    """
+
+    def expand(self, pcolls):
+        ours, theirs = pcolls
+        return (
+            (ours | "Ours" >> beam.Map(lambda e: (e.key, 0)), theirs | "Theirs" >> beam.Map(lambda e: (e.key, 1)))
+            | "Flatten" >> beam.Flatten()
+            | "ByKey" >> beam.GroupByKey()
+            | "Shared" >> beam.FlatMap(lambda kv: [kv[0]] if len(set(kv[1])) == 2 else [])
+            | "Collect" >> beam.combiners.Top.Smallest(3)
+            | "Fail" >> beam.Map(_fail_if_shared)
+        )
+
+
+def _fail_if_shared(shared: list[str]) -> None:
+    if shared:
+        raise ValueError(
+            f"keys such as {', '.join(shared)} are in both --input and --neighbour_input: documents are joined by"
+            " key, so the two corpora need distinct keys. Rebuild one with --key_prefix P (and pass"
+            " --neighbour_key_prefix P when its documents are --neighbour_input)."
+        )
 
 
 class OneRejectPerExample(beam.PTransform):

@@ -6,6 +6,7 @@ Stages receive `BuildConfig` (or plain fields of it), never the options object.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -32,6 +33,12 @@ class CorpusOptions(PipelineOptions):
         a("--caption_column", default="caption", help="Manifest column holding the caption.")
         a("--caption_ext", default="txt", help="Tar member / sidecar file extension holding the caption.")
         a("--key_column", default="key", help="Manifest column holding the key (row number when absent).")
+        a(
+            "--key_prefix",
+            default="",
+            help="Put this in front of every input key ([A-Za-z0-9_-]), so corpora that share a memory bank"
+            " keep distinct keys (img2dataset keys are shard/row numbers and repeat across corpora).",
+        )
         a("--seed", type=int, default=0, help="Seed for every random choice; randomness derives from (seed, key).")
         # Validation budgets.
         a("--max_image_pixels", type=int, default=64_000_000, help="Reject images with more pixels, undecoded.")
@@ -50,6 +57,11 @@ class CorpusOptions(PipelineOptions):
             action="append",
             help="With --memory_bank: the input of the corpus that bank was built from, so its documents"
             " can stand in this run's sequences as neighbours (read and tokenized, never queries). Repeatable.",
+        )
+        a(
+            "--neighbour_key_prefix",
+            default="",
+            help="The --key_prefix the --neighbour_input corpus was built with (its keys as the bank holds them).",
         )
         a(
             "--extend_memory_bank",
@@ -97,6 +109,7 @@ class BuildConfig:
     caption_column: str = "caption"  # manifest column with the caption
     caption_ext: str = "txt"  # tar member / sidecar extension with the caption
     key_column: str = "key"  # manifest column with the key
+    key_prefix: str = ""  # put in front of every --input key
     seed: int = 0  # all randomness derives from (seed, key)
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
     max_image_bytes: int = 32 * 2**20  # encoded size budget
@@ -108,6 +121,7 @@ class BuildConfig:
     embed_batch_size: int = 64  # RunInference batch size
     memory_bank: str | None = None  # prebuilt bank directory
     neighbour_input: tuple[str, ...] = ()  # the bank's own corpus: neighbour documents, never queries
+    neighbour_key_prefix: str = ""  # the --key_prefix that corpus was built with
     extend_memory_bank: bool = False  # grow a copy of --memory_bank with this run's documents
     index_factory: str | None = None  # FAISS factory string override
     retrieval_topk: int = 32  # candidates per query
@@ -141,8 +155,13 @@ class BuildConfig:
         for name in ("input", "neighbour_input"):
             given = values.get(name) or ()
             values[name] = (given,) if isinstance(given, str) else tuple(given)
+        for name in ("key_prefix", "neighbour_key_prefix"):
+            if values.get(name) and not re.fullmatch(r"[A-Za-z0-9_\-]+", values[name]):
+                raise SystemExit(f"cm3corpus build: --{name} {values[name]!r} may only hold letters, digits, _ and -")
         if not values.get("memory_bank"):
-            needing = [f"--{n}" for n in ("neighbour_input", "extend_memory_bank") if values.get(n)]
+            needing = [
+                f"--{n}" for n in ("neighbour_input", "extend_memory_bank", "neighbour_key_prefix") if values.get(n)
+            ]
             if needing:  # they only mean something with another build's bank; never ignore them silently
                 raise SystemExit(f"cm3corpus build: {' and '.join(needing)} need --memory_bank DIR (a prebuilt bank)")
         return cls(**values)

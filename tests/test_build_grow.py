@@ -91,3 +91,22 @@ def test_held_out_examples_are_queries_but_never_neighbours(tmp_path):
     train = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())["total"]["samples"]
     heldout = json.loads((tmp_path / "out" / "shards" / "heldout" / "manifest.json").read_text())["total"]["samples"]
     assert (train, heldout) == (200 - len(held), len(held))
+
+
+def test_corpora_sharing_keys_fail_loudly_until_their_keys_are_told_apart(tmp_path):
+    import pytest
+
+    write_demo_corpus(str(tmp_path / "a"), num_examples=80, seed=1, shard_size=40)
+    write_demo_corpus(str(tmp_path / "b"), num_examples=40, seed=2, shard_size=40)  # the same keys as a's first 40
+    build(f"{tmp_path}/a/*.tar", tmp_path / "out_a", "--key_prefix", "old_")
+    bank_keys = {r["key"] for r in pq.read_table(tmp_path / "out_a" / "memory_bank" / "ids.parquet").to_pylist()}
+    assert bank_keys and all(k.startswith("old_") for k in bank_keys)
+    grow = ["--memory_bank", str(tmp_path / "out_a" / "memory_bank"), "--neighbour_input", f"{tmp_path}/a/*.tar"]
+    # a's documents read under their raw keys collide with b's: joined by key, they would be swapped in silently
+    with pytest.raises(Exception, match="in both --input and --neighbour_input"):
+        build(f"{tmp_path}/b/*.tar", tmp_path / "out_b", *grow)
+    stats = build(f"{tmp_path}/b/*.tar", tmp_path / "out_b", *grow, "--neighbour_key_prefix", "old_")
+    assert stats["accounted"] and stats["examples_read"] == 40
+    assert stats["counters"].get("sequences/neighbours_without_document", 0) == 0
+    rows = read_table(str(tmp_path / "out_b" / "neighbours"), artifacts.NEIGHBOURS).to_pylist()
+    assert rows and all(r["doc_key"] in bank_keys for r in rows)  # b's own documents are not in a's bank

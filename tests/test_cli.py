@@ -77,3 +77,10 @@ def test_build_help_lists_the_build_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--input", "--output", "--clip_model", "--memory_bank", "--holdout_fraction", "--seq_len"):
         assert flag in out
+
+
+def test_key_prefix_must_be_key_safe():
+    base = ["--input", "in/*.tar", "--output", "out"]
+    with pytest.raises(SystemExit, match="may only hold"):
+        BuildConfig.from_options(PipelineOptions([*base, "--key_prefix", "../x"]))
+    assert BuildConfig.from_options(PipelineOptions([*base, "--key_prefix", "laion-b_"])).key_prefix == "laion-b_"

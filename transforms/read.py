@@ -16,6 +16,7 @@ Every input sample ends as exactly one Example or one Reject; a damaged shard ad
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import posixpath
 import re
@@ -305,8 +306,8 @@ def fetch_parts(sample: RawSample, budgets: Budgets) -> RawSample | Reject:
 class _ReadAndValidate(beam.DoFn):
     """Reads one unit and validates each of its samples; rejects go to the REJECTED output."""
 
-    def __init__(self, cfg, read_ns: str, reject_ns: str):
-        self._cfg, self._reject_ns = cfg, reject_ns
+    def __init__(self, cfg, read_ns: str, reject_ns: str, key_prefix: str = ""):
+        self._cfg, self._reject_ns, self._prefix = cfg, reject_ns, key_prefix
         self._read = Metrics.counter(read_ns, "examples_read")
 
     def process(self, unit):
@@ -318,6 +319,8 @@ class _ReadAndValidate(beam.DoFn):
                 item = fetch_parts(item, budgets)
             if isinstance(item, RawSample):
                 item = validate(item, budgets, self._cfg.caption_ext)
+            if self._prefix and item.key:
+                item = dataclasses.replace(item, key=self._prefix + item.key)
             if isinstance(item, Reject):
                 Metrics.counter(self._reject_ns, item.reason).inc()
                 progress.note("rejected")
@@ -347,12 +350,14 @@ class ReadExamples(beam.PTransform):
         cfg: a BuildConfig (columns and budgets).
         counters: namespace prefix of its counters; the run's accounting (`stats.json`) reads the
             default one, so inputs that are not this run's examples (neighbour documents) use another.
+        key_prefix: put in front of every key (`--key_prefix`); None takes `cfg.key_prefix`.
     """
 
-    def __init__(self, units: list[tuple[str, str]], cfg, counters: str = ""):
+    def __init__(self, units: list[tuple[str, str]], cfg, counters: str = "", key_prefix: str | None = None):
         super().__init__()
         self._units = units
         self._cfg = cfg
+        self._prefix = cfg.key_prefix if key_prefix is None else key_prefix
         self._read_ns, self._reject_ns = (f"{counters}read", f"{counters}rejected")
 
     def expand(self, pbegin):
@@ -361,7 +366,7 @@ class ReadExamples(beam.PTransform):
             | "Units" >> beam.Create(self._units)
             | "Spread" >> beam.Reshuffle()
             | "ReadValidate"
-            >> beam.ParDo(_ReadAndValidate(self._cfg, self._read_ns, self._reject_ns)).with_outputs(
+            >> beam.ParDo(_ReadAndValidate(self._cfg, self._read_ns, self._reject_ns, self._prefix)).with_outputs(
                 REJECTED, main="examples"
             )
         )
