@@ -161,6 +161,23 @@ def test_missing_weights_give_a_plain_error(monkeypatch):
         embed.resolve_clip("RN50", "yfcc15m")
 
 
+def test_unreachable_weights_host_fails_in_seconds_not_after_retries(monkeypatch):
+    import socket
+    import time
+
+    def refuse(address, timeout=None):
+        raise OSError(f"no route to {address[0]}")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(embed, "_cached_pretrained", lambda pcfg: None)
+    start = time.monotonic()
+    with pytest.raises(embed.ClipWeightsUnavailable, match="huggingface.co:443 is unreachable.*--clip_model demo"):
+        embed.resolve_clip("ViT-B-32", "laion2b_s34b_b79k")
+    assert time.monotonic() - start < 5  # no download attempted
+
+
 def test_demo_resolves_to_the_shipped_checkpoint():
     model, preprocess, tokenizer = embed.resolve_clip("demo", "laion2b_s34b_b79k")  # the build's default tag is ignored
     assert not model.training

@@ -97,6 +97,33 @@ def _cached_pretrained(pcfg: dict) -> str | None:
     return None
 
 
+def _host_unreachable(pcfg: dict) -> str | None:
+    """Why the host of a pretrained tag's weights cannot be reached, found in seconds; None when it can.
+
+    Without this, huggingface_hub's retries take about a minute to end in the same error. Where a
+    proxy is configured a direct connection says nothing, so the download is left to decide.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    if pcfg.get("hf_hub"):
+        url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    else:
+        url = pcfg.get("url") or ""
+    parsed = urlparse(url)
+    if not parsed.hostname:
+        return None
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as e:
+        return f"{parsed.hostname}:{port} is unreachable ({describe_error(e)})"
+    return None
+
+
 def _register_json(path: str) -> str:
     import open_clip
 
@@ -120,6 +147,9 @@ def _weights_source(name: str, clip_pretrained: str | None) -> tuple[str | None,
         pcfg = open_clip.get_pretrained_cfg(name, pretrained)
         local = _cached_pretrained(pcfg)
         if local is None:
+            unreachable = _host_unreachable(pcfg)
+            if unreachable:
+                raise _weights_error(f"cannot get CLIP weights {name}/{pretrained}: not cached, and {unreachable}")
             return pretrained, {}  # open_clip downloads it (workers with network)
         # A cached file loses the tag's preprocessing and activation settings; carry them over.
         return local, {
