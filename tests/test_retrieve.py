@@ -231,3 +231,26 @@ def test_near_duplicate_of_the_query_document_is_skipped_even_when_the_query_sco
     assert_adds_up(counts)
     ns_without, _ = select_neighbours("q", {"image": c}, RULES)  # the score alone lets it through
     assert ("near", "image") in picked(ns_without)
+
+
+def test_top_k_is_cut_after_the_exact_rescore_not_by_the_float32_search(bank_dir):
+    """A search whose float32 order misplaces the true k-th candidate (a near-tie) does not change the set."""
+    bank, examples = load_bank(bank_dir), corpus()
+    rules = RetrievalRules(2, 0.9, 0.95, 6)
+    expected, _ = retrieve_batch(bank, examples, rules)
+    real = bank.index
+
+    class NearTies:  # the true order with ranks k-1 and k+2 swapped, as a different BLAS path might
+        d, ntotal = real.d, real.ntotal
+
+        def search(self, queries, n):
+            scores, ids = real.search(queries, n)
+            ids[:, [5, 8]] = ids[:, [8, 5]]
+            return scores, ids
+
+    bank.index = NearTies()
+    try:
+        got, _ = retrieve_batch(bank, examples, rules)
+    finally:
+        bank.index = real
+    assert got == expected

@@ -32,7 +32,9 @@ image–text similarities run lower than text–text), so a plain sort by score 
 Determinism: candidates are rescored in float64 from the stored vectors (then rounded to float32)
 and ordered by (score desc, faiss id), so the batch a query lands in — which varies with the runner —
 never changes a score's bits or a tie's order (FAISS's flat search takes a BLAS path for big batches
-only, and the two paths differ in the last bit).
+only, and the two paths differ in the last bit). The search fetches SEARCH_MARGIN candidates beyond
+top-k and the cut to top-k comes after the rescore, so a near-tie at the boundary cannot change the
+candidate set either. (An IVF bank's choice of lists at the nprobe boundary is the one float32 step left.)
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from transforms.parquet_io import WriteSortedParquet
 
 VIAS = ("image", "text")
 COUNTS = "counts"  # tag of the DoFn's counts output
+SEARCH_MARGIN = 4  # extra candidates fetched, so the float32 search's order at the top-k boundary cannot matter
 RESCORE_CHUNK = 64  # queries rescored at once (bounds the float64 scratch to chunk·topk·dim·8 bytes)
 
 
@@ -269,8 +272,11 @@ def retrieve_batch(
     if owners and k > 0:
         vecs = [examples[i].image_emb if via == "image" else examples[i].query_text_emb for i, via in owners]
         queries = np.ascontiguousarray(np.stack(vecs), dtype=np.float32)  # (R, D)
-        _, found = bank.index.search(queries, k)
+        # Fetch a margin beyond k and cut after the exact rescore: near-ties at rank k can swap between
+        # FAISS's batch paths, and which of them made the top k would then depend on the batch.
+        _, found = bank.index.search(queries, min(k + SEARCH_MARGIN, bank.count))
         ids, scores, vectors = _rescore(queries, found, bank)
+        ids, scores = ids[:, :k], scores[:, :k]
         valid = (ids >= 0).sum(axis=1).tolist()
         ids_l, scores_l = ids.tolist(), scores.tolist()  # one conversion per batch
         keys, mods = bank.keys, bank.modalities
