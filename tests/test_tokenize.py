@@ -178,3 +178,43 @@ def test_psnr():
     a = np.zeros((4, 4, 3), np.uint8)
     assert psnr(a, a) == float("inf")
     assert psnr(a, a + 255) == pytest.approx(0.0)
+
+
+def test_fit_decodes_images_one_at_a_time_with_the_same_codebook():
+    import io
+
+    from transforms.sequences import DecodedImages
+
+    images = shapes(6, seed=3)
+    encoded = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        encoded.append(buf.getvalue())
+    lazy = DecodedImages(encoded)
+    assert len(lazy) == 6 and np.array_equal(np.asarray(lazy[2]), np.asarray(images[2]))
+    a = fit_patch_vq(images, 32, 32, 8, seed=1, niter=5)
+    b = fit_patch_vq(lazy, 32, 32, 8, seed=1, niter=5)
+    assert np.array_equal(a.codebook, b.codebook)
+
+
+def test_loading_both_tokenizers_gathers_no_fit_sample(tmp_path, text_tok, image_tok):
+    import apache_beam as beam
+
+    from schemas.records import Example
+    from transforms.sequences import FitTokenizers, SequenceConfig
+
+    source = tmp_path / "given"
+    write_tokenizers(str(source), text_tok, image_tok, build_vocab(text_tok, image_tok, 8))
+    sc = SequenceConfig(
+        str(source / TEXT_TOKENIZER_FILE), 300, str(source / IMAGE_TOKENIZER_FILE), 32, 32, 8, 256, "none", 3, 10, 10, 0
+    )
+    out = tmp_path / "tokenizers"
+    with beam.Pipeline() as p:
+        examples = p | beam.Create([Example("k", "s", "a red circle", None)])
+        examples | FitTokenizers(str(out), sc)
+        names = [t.unique_name for t in p.to_runner_api().components.transforms.values()]
+    steps = {part for n in names for part in n.split("/")}
+    assert not steps & {"CaptionSample", "ImageSample"} and {"NoCaptionSample", "NoImageSample"} <= steps
+    for name in (TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE, VOCAB_FILE):
+        assert (out / name).read_bytes() == (source / name).read_bytes()

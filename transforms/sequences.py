@@ -73,6 +73,27 @@ def _decode_rgb(data: bytes):
         return im.convert("RGB")
 
 
+class DecodedImages:
+    """A sequence of encoded images that decodes each only when it is read.
+
+    The fit sample is up to `--tokenizer_fit_images` images at their original size: decoded all at
+    once they would take gigabytes (4,096 images of 512 px are 3.2 GB of pixels) where one at a time
+    takes one image.
+    """
+
+    def __init__(self, encoded: list[bytes]):
+        self._encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self._encoded)
+
+    def __getitem__(self, i: int):
+        return _decode_rgb(self._encoded[i])
+
+    def __iter__(self):
+        return (_decode_rgb(b) for b in self._encoded)
+
+
 def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
     from transforms.tokenize import (
         build_vocab,
@@ -92,7 +113,7 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
     else:
         if not images:
             raise ValueError("no images to fit the image tokenizer on; pass --image_tokenizer")
-        pictures = [_decode_rgb(b) for _, b in sorted(images)]
+        pictures = DecodedImages([b for _, b in sorted(images)])  # decoded one at a time, not all at once
         image_tok = fit_patch_vq(pictures, sc.image_codebook_size, sc.image_size, sc.image_patch_size, sc.seed)
     write_tokenizers(directory, text_tok, image_tok, build_vocab(text_tok, image_tok, NUM_SENTINELS))
     return directory
@@ -116,16 +137,23 @@ class FitTokenizers(beam.PTransform):
 
     def expand(self, examples):
         sc = self._sc
-        captions = (
-            examples
-            | "Captions" >> beam.FlatMap(lambda e: [(e.key, e.caption)] if e.caption else [])
-            | "CaptionSample" >> beam.combiners.Top.Of(sc.fit_captions, key=_hash_of_pair, reverse=True)
-        )
-        images = (
-            examples
-            | "Images" >> beam.FlatMap(lambda e: [(e.key, e.image)] if e.image is not None else [])
-            | "ImageSample" >> beam.combiners.Top.Of(sc.fit_images, key=_hash_of_pair, reverse=True)
-        )
+        pipeline = examples.pipeline
+        if sc.text_tokenizer:  # loaded, not fitted: gather no sample
+            captions = pipeline | "NoCaptionSample" >> beam.Create([[]])
+        else:
+            captions = (
+                examples
+                | "Captions" >> beam.FlatMap(lambda e: [(e.key, e.caption)] if e.caption else [])
+                | "CaptionSample" >> beam.combiners.Top.Of(sc.fit_captions, key=_hash_of_pair, reverse=True)
+            )
+        if sc.image_tokenizer:
+            images = pipeline | "NoImageSample" >> beam.Create([[]])
+        else:
+            images = (
+                examples
+                | "Images" >> beam.FlatMap(lambda e: [(e.key, e.image)] if e.image is not None else [])
+                | "ImageSample" >> beam.combiners.Top.Of(sc.fit_images, key=_hash_of_pair, reverse=True)
+            )
         return (
             examples.pipeline
             | "Directory" >> beam.Create([self._directory])
