@@ -19,7 +19,7 @@ from pipelines.options import BuildConfig, CorpusOptions
 from schemas import artifacts
 from schemas.records import Reject
 from transforms.assemble import JoinNeighbours
-from transforms.parquet_io import WriteSortedParquet
+from transforms.parquet_io import WriteSortedParquet, atomic_open
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
 from transforms.rng import is_held_out, stable_hash
@@ -275,9 +275,8 @@ def finalize(output: str, stats: dict) -> None:
     _render_report(fs, root, stats)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
-    with fs.open(f"{root}/stats.json.tmp", "w") as f:
+    with atomic_open(f"{output}/stats.json", "w") as f:
         json.dump(stats, f, indent=2, sort_keys=True)
-    fs.mv(f"{root}/stats.json.tmp", f"{root}/stats.json")
 
 
 def summary_line(stats: dict) -> str:

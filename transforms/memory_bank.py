@@ -31,6 +31,7 @@ from apache_beam.metrics import Metrics
 
 from schemas.artifacts import MEMORY_BANK_IDS, SCHEMA_VERSION
 from schemas.records import IMAGE_TEXT, MODALITIES, EmbeddedExample
+from transforms.parquet_io import atomic_open
 from transforms.rng import stable_hash
 
 INDEX_FILE = "index.faiss"
@@ -264,12 +265,8 @@ def write_index(path: str, index) -> None:
     """
     import faiss
 
-    fs, target = _fs(path)
-    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = target + ".tmp"
-    with fs.open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
-    fs.mv(tmp, target)
 
 
 def read_index(path: str):
@@ -284,21 +281,17 @@ def read_index(path: str):
 
 
 def _write_json(path: str, data: dict) -> None:
-    fs, target = _fs(path)
-    with fs.open(target + ".tmp", "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
-    fs.mv(target + ".tmp", target)
 
 
 def _write_ids(path: str, tables) -> None:
     """Stream `ids.parquet` from an iterable of per-part tables (temporary name, then rename)."""
     import pyarrow.parquet as pq
 
-    fs, target = _fs(path)
-    with fs.open(target + ".tmp", "wb") as f, pq.ParquetWriter(f, MEMORY_BANK_IDS, compression="zstd") as w:
+    with atomic_open(path) as f, pq.ParquetWriter(f, MEMORY_BANK_IDS, compression="zstd") as w:
         for t in tables:
             w.write_table(t)
-    fs.mv(target + ".tmp", target)
 
 
 def bank_info(index, clip_model: str, factory: str, nprobe: int | None) -> dict:

@@ -7,6 +7,7 @@ follow from its sort key alone; each file is written under a temporary name and 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import apache_beam as beam
@@ -15,8 +16,12 @@ import pyarrow as pa
 from transforms.rng import stable_hash
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` (any fsspec URL) under a unique temporary name, then rename it into place."""
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", **kwargs):
+    """Open `path` (any fsspec URL) for writing under a unique temporary name beside it; on success
+    rename it into place, on failure remove it. A reader never sees a partial file, and a retried or
+    speculative task never shares a temporary name with another.
+    """
     import uuid
 
     import fsspec
@@ -24,28 +29,34 @@ def write_bytes(path: str, data: bytes) -> None:
     fs, target = fsspec.core.url_to_fs(path)
     if "/" in target:
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # unique, so a retried or speculative task never shares it
-    with fs.open(tmp, "wb") as f:
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open(tmp, mode, **kwargs) as f:
+            yield f
+        fs.mv(tmp, target)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` (any fsspec URL) through `atomic_open`."""
+    with atomic_open(path) as f:
         f.write(data)
-    fs.mv(tmp, target)
 
 
 def write_table(path: str, table: pa.Table) -> None:
-    """Write `table` to `path` (any fsspec URL) under a temporary name, then rename it into place."""
-    import fsspec
+    """Write `table` to `path` (any fsspec URL) through `atomic_open`."""
     import pyarrow.parquet as pq
 
-    fs, target = fsspec.core.url_to_fs(path)
-    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = target + ".tmp"
     # store_schema=False: pyarrow cannot read back a null fixed-size list from its own stored
     # schema (apache/arrow#35692); the types come back from the artifact schema on read instead,
     # and the artifact name and version travel as plain key-value metadata.
-    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, table.schema, compression="zstd", store_schema=False) as w:
+    with atomic_open(path) as f, pq.ParquetWriter(f, table.schema, compression="zstd", store_schema=False) as w:
         w.write_table(table)
         if table.schema.metadata:
             w.add_key_value_metadata(table.schema.metadata)
-    fs.mv(tmp, target)
 
 
 def read_table(path: str, schema: pa.Schema) -> pa.Table:

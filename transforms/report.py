@@ -13,6 +13,8 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from transforms.parquet_io import atomic_open
+
 THUMB_SIDE = 128  # px, longest side of an embedded thumbnail
 
 CSS = """
@@ -142,13 +144,9 @@ def write_report(
         counts: see `render_report`.
         title: page heading.
     """
-    import fsspec
-
     page = render_report(queries, counts, title)
-    fs, target = fsspec.core.url_to_fs(path)
-    with fs.open(target + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(page)
-    fs.mv(target + ".tmp", target)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,6 +218,5 @@ def append_section(path: str, html: str) -> None:
     head, sep, tail = page.rpartition("</body>")
     if not sep:
         raise ValueError(f"{path} is not a report page")
-    with fs.open(target + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(head + html + sep + tail)
-    fs.mv(target + ".tmp", target)
