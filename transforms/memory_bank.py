@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -393,7 +394,8 @@ def extend_bank(bank_dir: str, vectors: np.ndarray, keys: list[str], modalities:
     old = ids_table(np.arange(len(bank.keys), dtype=np.int64), bank.keys, bank.modalities)
     info = {**bank.info, "count": int(bank.index.ntotal)}
     write_bank(bank_dir, bank.index, [old, ids_table(ids, new_keys, new_mods)], info)
-    return load_bank(bank_dir)
+    # The bank in hand is the written one: reloading it would hold the index twice.
+    return Bank(bank.index, bank.keys + new_keys, bank.modalities + new_mods, info)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -528,6 +530,14 @@ class BuildMemoryBank(beam.PTransform):
 # Growing a bank: new documents added to a copy of an existing one, without retraining.
 
 
+def _bank_keys(bank_dir: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    fs, root = _fs(bank_dir)
+    with fs.open(f"{root}/{IDS_FILE}", "rb") as f:
+        return pq.read_table(f, columns=["key"]).column("key").to_pylist()
+
+
 def _extend_copy(entries: list, source_dir: str, bank_dir: str) -> str:
     """Copy the bank at `source_dir` to `bank_dir` and add the entries whose keys it lacks."""
     src_fs, src = _fs(source_dir)
@@ -535,8 +545,8 @@ def _extend_copy(entries: list, source_dir: str, bank_dir: str) -> str:
     dst_fs.makedirs(dst, exist_ok=True)
     for name in (INDEX_FILE, IDS_FILE, INFO_FILE):  # bank.json last: it marks a finished bank
         with src_fs.open(f"{src}/{name}", "rb") as f, dst_fs.open(f"{dst}/{name}", "wb") as g:
-            g.write(f.read())
-    known = set(load_bank(bank_dir).keys)
+            shutil.copyfileobj(f, g, 16 * 2**20)  # in pieces: never the index file in memory
+    known = set(_bank_keys(bank_dir))  # from ids.parquet alone; extend_bank loads the index once
     new = sorted((key, vec, mod) for key, vec, mod in entries if key not in known)
     Metrics.counter("memory_bank", "documents_already_in_bank").inc(len(entries) - len(new))
     Metrics.counter("memory_bank", "documents_added").inc(len(new))
