@@ -29,12 +29,15 @@ vias interleaved, best first — image #1, text #1, image #2, text #2 — then w
 longer via. Scores of an image query and of a text query are not on the same scale (CLIP's
 image–text similarities run lower than text–text), so a plain sort by score would favour one via.
 
-Determinism: candidates are rescored in float64 from the stored vectors (then rounded to float32)
-and ordered by (score desc, faiss id), so the batch a query lands in — which varies with the runner —
-never changes a score's bits or a tie's order (FAISS's flat search takes a BLAS path for big batches
-only, and the two paths differ in the last bit). The search fetches SEARCH_MARGIN candidates beyond
-top-k and the cut to top-k comes after the rescore, so a near-tie at the boundary cannot change the
-candidate set either. (An IVF bank's choice of lists at the nprobe boundary is the one float32 step left.)
+Determinism: candidates are rescored from the stored vectors, one (query, candidate) pair at a time
+with faiss's own scalar inner product (`fvec_inner_products_by_idx`), and ordered by (score desc,
+faiss id), so the batch a query lands in — which varies with the runner — never changes a score's
+bits or a tie's order (FAISS's flat search takes a BLAS path for big batches only, and the two paths
+differ in the last bit). The search fetches SEARCH_MARGIN candidates beyond top-k and the cut to
+top-k comes after the rescore, so a near-tie at the boundary cannot change the candidate set either.
+Two limits: an IVF bank's choice of lists at the nprobe boundary is a float32 step of the search
+itself, and the scalar inner product follows the CPU's SIMD level, so workers of different CPU
+generations may differ in a score's last bit.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ from transforms.parquet_io import WriteSortedParquet
 VIAS = ("image", "text")
 COUNTS = "counts"  # tag of the DoFn's counts output
 SEARCH_MARGIN = 4  # extra candidates fetched, so the float32 search's order at the top-k boundary cannot matter
-RESCORE_CHUNK = 64  # queries rescored at once (bounds the float64 scratch to chunk·topk·dim·8 bytes)
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,11 @@ def select_neighbours(
 
 
 def _rescore(queries: np.ndarray, ids: np.ndarray, bank) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Exact, batch-independent scores of each query's candidates, resorted (score desc, id asc).
+    """Batch-independent scores of each query's candidates, resorted (score desc, id asc).
+
+    Each score is faiss's scalar inner product of the query with the stored vector: the same bits
+    whatever else is in the batch, with no (R, K, D) copy (a float64 rescore spent more time than the
+    search at D = 512).
 
     Args:
         queries: (R, D) float32.
@@ -238,12 +244,22 @@ def _rescore(queries: np.ndarray, ids: np.ndarray, bank) -> tuple[np.ndarray, np
     Returns:
         ids (R, K) and scores (R, K) float32 (-inf at padding) reordered, and faiss id → vector.
     """
+    import faiss
+
     table, pos = bank.vector_table(ids)
-    scores = np.empty(ids.shape, dtype=np.float64)
-    for s in range(0, len(ids), RESCORE_CHUNK):
-        cand = table[pos[s : s + RESCORE_CHUNK]].astype(np.float64)  # (r, K, D)
-        scores[s : s + RESCORE_CHUNK] = np.einsum("rkd,rd->rk", cand, queries[s : s + RESCORE_CHUNK].astype(np.float64))
-    scores = scores.astype(np.float32)
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.ascontiguousarray(np.where(ids >= 0, pos, -1), dtype=np.int64)  # -1 scores -inf
+    scores = np.empty(ids.shape, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(scores),
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(table),
+        faiss.swig_ptr(rows),
+        queries.shape[1],
+        len(queries),
+        ids.shape[1],
+    )
     scores[ids < 0] = -np.inf
     order = np.lexsort((ids, -scores), axis=1)  # last key first: score desc, then id asc
     vectors = table if table.shape[0] == bank.count else _Rows(table, np.unique(ids[ids >= 0]))
