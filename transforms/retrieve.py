@@ -133,8 +133,12 @@ class _Rows:
 
 
 def _too_close(vec: np.ndarray, chosen: list[np.ndarray], threshold: float) -> bool:
-    # At most 2·num_retrieved chosen vectors: one small dot each beats stacking them into a matrix.
-    return any(c.dot(vec) > threshold for c in chosen)
+    # At most 2·num_retrieved chosen vectors: one small dot each beats stacking them into a matrix,
+    # and a plain loop beats any() over a generator.
+    for c in chosen:
+        if c.dot(vec) > threshold:
+            return True
+    return False
 
 
 def _select_via(
@@ -147,49 +151,55 @@ def _select_via(
     chosen_vecs: list,
     query_doc: np.ndarray | None = None,
 ) -> tuple[list[int], RetrievalCounts]:
-    """Pick up to `quota` candidate positions of one via; updates chosen_ids / chosen_vecs."""
-    counts = RetrievalCounts(query_key, via, candidates=len(c.ids))
+    """Pick up to `quota` candidate positions of one via; updates chosen_ids / chosen_vecs.
+
+    The hot path of retrieval (once per query): counts are kept in locals and the row built once.
+    """
     ids, scores, keys, modalities, vectors = c.ids, c.scores, c.keys, c.modalities, c.vectors
     max_similarity, diversity = rules.max_similarity, rules.diversity_threshold
+    self_skips = too_similar = already = diverse = 0
     picked: list[int] = []
     deferred: list[int] = []  # single-modality candidates that passed rules 1-3 (rule 4)
     i, n = 0, len(ids)
     while i < n and len(picked) < quota:
         doc = ids[i]
         if keys[doc] == query_key:
-            counts.skipped_self += 1
+            self_skips += 1
         elif scores[i] > max_similarity or (query_doc is not None and vectors[doc].dot(query_doc) > max_similarity):
-            counts.skipped_too_similar += 1
+            too_similar += 1
         elif doc in chosen_ids:
-            counts.skipped_already_selected += 1
+            already += 1
         elif modalities[doc] != IMAGE_TEXT:
             deferred.append(i)
         else:
             vec = vectors[doc]
-            if _too_close(vec, chosen_vecs, diversity):
-                counts.skipped_diversity += 1
+            if chosen_vecs and _too_close(vec, chosen_vecs, diversity):
+                diverse += 1
             else:
                 picked.append(i)
-                chosen_ids.add(ids[i])
+                chosen_ids.add(doc)
                 chosen_vecs.append(vec)
         i += 1
-    counts.unexamined = n - i
+    unexamined = n - i
+    skipped_modality = 0
     if len(picked) < quota:  # not enough image+text documents: fall back to single-modality ones
         for j, d in enumerate(deferred):
             if len(picked) == quota:
-                counts.unexamined += len(deferred) - j
+                unexamined += len(deferred) - j
                 break
             vec = vectors[ids[d]]
-            if _too_close(vec, chosen_vecs, diversity):
-                counts.skipped_diversity += 1
+            if chosen_vecs and _too_close(vec, chosen_vecs, diversity):
+                diverse += 1
             else:
                 picked.append(d)
                 chosen_ids.add(ids[d])
                 chosen_vecs.append(vec)
     else:
-        counts.skipped_modality = len(deferred)
-    counts.selected = len(picked)
-    return sorted(picked), counts
+        skipped_modality = len(deferred)
+    counts = RetrievalCounts(
+        query_key, via, n, self_skips, too_similar, already, diverse, skipped_modality, unexamined, len(picked)
+    )
+    return (sorted(picked) if len(picked) > 1 else picked), counts
 
 
 def select_neighbours(
