@@ -254,3 +254,29 @@ def test_top_k_is_cut_after_the_exact_rescore_not_by_the_float32_search(bank_dir
     finally:
         bank.index = real
     assert got == expected
+
+
+def test_ivf_bank_selects_like_flat_and_does_not_depend_on_batching(bank_dir, tmp_path):
+    """IVF keeps its own per-query scan scores and reconstructs vectors only for the rules that read them."""
+    import faiss
+
+    examples = sorted(corpus(), key=lambda e: e.key)
+    vecs = np.stack([e.doc_emb for e in examples])
+    trained = train_index(vecs, "IVF4,Flat", vecs.shape[1])
+    index = merge_parts(trained, [add_part(trained, vecs, np.arange(len(vecs)))])
+    faiss.extract_index_ivf(index).nprobe = 4  # every list: the same candidates as exhaustive search
+    d = str(tmp_path / "ivf_bank")
+    ids = ids_table(np.arange(len(vecs)), [e.key for e in examples], [e.modality for e in examples])
+    write_bank(d, index, ids, bank_info(index, "test", "IVF4,Flat", 4))
+    ivf, flat = load_bank(d), load_bank(bank_dir)
+    assert not ivf.is_flat and flat.is_flat
+    queries, rules = corpus(), RetrievalRules(2, 0.9, 0.95, 10)
+    got, got_counts = retrieve_batch(ivf, queries, rules)
+    parts = [retrieve_batch(ivf, queries[i : i + 7], rules) for i in range(0, len(queries), 7)]
+    assert got == [n for ns, _ in parts for n in ns] and got_counts == [c for _, cs in parts for c in cs]
+    want, want_counts = retrieve_batch(flat, queries, rules)
+    assert [(n.query_key, n.rank, n.doc_key, n.via) for n in got] == [
+        (n.query_key, n.rank, n.doc_key, n.via) for n in want
+    ]
+    np.testing.assert_allclose([n.score for n in got], [n.score for n in want], atol=1e-6)
+    assert got_counts == want_counts

@@ -226,6 +226,13 @@ class Bank:
         table, pos = self.vector_table(np.asarray(ids, dtype=np.int64))
         return table[pos]
 
+    @property
+    def is_flat(self) -> bool:
+        """Whether the index is exhaustive (`IndexFlat`): its search takes batch-size-dependent paths."""
+        import faiss
+
+        return self._flat is not None or isinstance(self.index, faiss.IndexFlat)
+
     def vector_table(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A (U, dim) matrix holding the vectors of `ids` and the row of each id in it (same shape as ids).
 

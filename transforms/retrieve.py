@@ -29,14 +29,15 @@ vias interleaved, best first — image #1, text #1, image #2, text #2 — then w
 longer via. Scores of an image query and of a text query are not on the same scale (CLIP's
 image–text similarities run lower than text–text), so a plain sort by score would favour one via.
 
-Determinism: candidates are rescored from the stored vectors, one (query, candidate) pair at a time
-with faiss's own scalar inner product (`fvec_inner_products_by_idx`), and ordered by (score desc,
-faiss id), so the batch a query lands in — which varies with the runner — never changes a score's
-bits or a tie's order (FAISS's flat search takes a BLAS path for big batches only, and the two paths
-differ in the last bit). The search fetches SEARCH_MARGIN candidates beyond top-k and the cut to
-top-k comes after the rescore, so a near-tie at the boundary cannot change the candidate set either.
-Two limits: an IVF bank's choice of lists at the nprobe boundary is a float32 step of the search
-itself, and the scalar inner product follows the CPU's SIMD level, so workers of different CPU
+Determinism: the batch a query lands in (which varies with the runner) never changes a score's bits
+or a tie's order. A Flat bank's search takes a BLAS path for big batches and a scalar one for small,
+and the two differ in the last bit, so its candidates are rescored one (query, candidate) pair at a
+time with faiss's scalar inner product (`fvec_inner_products_by_idx`). An IVF bank scans its lists
+one query at a time, so its scores already are per pair and are kept. Candidates are then ordered by
+(score desc, faiss id). The search fetches SEARCH_MARGIN candidates beyond top-k and cuts to top-k
+after the rescore, so a near-tie at the boundary cannot change the candidate set either.
+Two limits: an IVF bank's choice of lists at the nprobe boundary comes from a batched float32
+search, and the scalar inner product follows the CPU's SIMD level, so workers of different CPU
 generations may differ in a score's last bit.
 """
 
@@ -120,16 +121,23 @@ class Candidates:
     vectors: Sequence[np.ndarray] | Mapping[int, np.ndarray]
 
 
-class _Rows:
-    """faiss id → row of a matrix holding the vectors of a batch's distinct candidates (non-Flat banks)."""
+class _Reconstructed:
+    """faiss id → stored vector of a non-Flat bank, reconstructed when the rules first ask for it.
 
-    __slots__ = ("_table", "_row")
+    The rules read a handful of each query's candidates; reconstructing all of them cost more than
+    the rules (about 15% of an IVF search at 100k x 64).
+    """
 
-    def __init__(self, table: np.ndarray, ids: np.ndarray):
-        self._table, self._row = table, dict(zip(ids.tolist(), range(len(ids)), strict=True))
+    __slots__ = ("_index", "_cache")
+
+    def __init__(self, index):
+        self._index, self._cache = index, {}
 
     def __getitem__(self, faiss_id: int) -> np.ndarray:
-        return self._table[self._row[faiss_id]]
+        vec = self._cache.get(faiss_id)
+        if vec is None:
+            vec = self._cache[faiss_id] = self._index.reconstruct(int(faiss_id))
+        return vec
 
 
 def _too_close(vec: np.ndarray, chosen: list[np.ndarray], threshold: float) -> bool:
@@ -239,40 +247,48 @@ def select_neighbours(
     return ordered, rows
 
 
-def _rescore(queries: np.ndarray, ids: np.ndarray, bank) -> tuple[np.ndarray, np.ndarray, Any]:
+def _rescore(
+    queries: np.ndarray, ids: np.ndarray, bank, found_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Any]:
     """Batch-independent scores of each query's candidates, resorted (score desc, id asc).
 
-    Each score is faiss's scalar inner product of the query with the stored vector: the same bits
-    whatever else is in the batch, with no (R, K, D) copy (a float64 rescore spent more time than the
-    search at D = 512).
+    A Flat bank's search takes a BLAS path for big batches and a scalar one for small, so its
+    candidates are rescored one (query, candidate) pair at a time with faiss's scalar inner product
+    against the stored vectors, with no (R, K, D) copy. An IVF bank scans its lists one query at a
+    time, so the scores it found are already the same whatever the batch and are kept; its vectors
+    are reconstructed only when the rules ask.
 
     Args:
         queries: (R, D) float32.
         ids: (R, K) faiss ids from the search; -1 where the bank had fewer.
         bank: the loaded `memory_bank.Bank`.
+        found_scores: (R, K) the search's scores.
 
     Returns:
         ids (R, K) and scores (R, K) float32 (-inf at padding) reordered, and faiss id → vector.
     """
     import faiss
 
-    table, pos = bank.vector_table(ids)
-    table = np.ascontiguousarray(table, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    rows = np.ascontiguousarray(np.where(ids >= 0, pos, -1), dtype=np.int64)  # -1 scores -inf
-    scores = np.empty(ids.shape, dtype=np.float32)
-    faiss.fvec_inner_products_by_idx(
-        faiss.swig_ptr(scores),
-        faiss.swig_ptr(queries),
-        faiss.swig_ptr(table),
-        faiss.swig_ptr(rows),
-        queries.shape[1],
-        len(queries),
-        ids.shape[1],
-    )
+    if bank.is_flat:
+        table, pos = bank.vector_table(ids)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = np.ascontiguousarray(np.where(ids >= 0, pos, -1), dtype=np.int64)  # -1 scores -inf
+        scores = np.empty(ids.shape, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(table),
+            faiss.swig_ptr(rows),
+            queries.shape[1],
+            len(queries),
+            ids.shape[1],
+        )
+        vectors: Any = table
+    else:
+        scores = np.array(found_scores, dtype=np.float32)
+        vectors = _Reconstructed(bank.index)
     scores[ids < 0] = -np.inf
     order = np.lexsort((ids, -scores), axis=1)  # last key first: score desc, then id asc
-    vectors = table if table.shape[0] == bank.count else _Rows(table, np.unique(ids[ids >= 0]))
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1), vectors
 
 
@@ -300,8 +316,8 @@ def retrieve_batch(
         queries = np.ascontiguousarray(np.stack(vecs), dtype=np.float32)  # (R, D)
         # Fetch a margin beyond k and cut after the exact rescore: near-ties at rank k can swap between
         # FAISS's batch paths, and which of them made the top k would then depend on the batch.
-        _, found = bank.index.search(queries, min(k + SEARCH_MARGIN, bank.count))
-        ids, scores, vectors = _rescore(queries, found, bank)
+        found_scores, found = bank.index.search(queries, min(k + SEARCH_MARGIN, bank.count))
+        ids, scores, vectors = _rescore(queries, found, bank, found_scores)
         ids, scores = ids[:, :k], scores[:, :k]
         valid = (ids >= 0).sum(axis=1).tolist()
         ids_l, scores_l = ids.tolist(), scores.tolist()  # one conversion per batch
