@@ -13,7 +13,7 @@ checked against open_clip's own encoders when the model loads and skipped where 
   openings) share its states: the batch runs as a prefix trie (`clip_lean.lean_encode_text`). Where
   only the causal part holds, each batch runs up to its longest row (`fast_encode_text`);
 - both towers: the last block runs only at the pooled position (`clip_lean`);
-- images are decoded and preprocessed on a thread pool while the text batch runs.
+- images are decoded and preprocessed in one background job while the text batch runs.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ class ClipEmbedder:
     Beam's cross-process model sharing.
     """
 
-    def __init__(self, model, preprocess, tokenizer, device: str = "cpu", decode_threads: int = 2):
+    def __init__(self, model, preprocess, tokenizer, device: str = "cpu", decode_threads: int = 1):
         import torch
 
         self.model, self.preprocess, self.tokenizer, self.device = model, preprocess, tokenizer, device
@@ -346,6 +346,16 @@ class ClipEmbedder:
 
         with Image.open(io.BytesIO(data)) as im:
             return self.preprocess(im.convert("RGB"))  # (3, H, W)
+
+    def _decode_all(self, images: Sequence[bytes]) -> list:
+        """Each image's pixels, or the exception that decoding it raised."""
+        out = []
+        for data in images:
+            try:
+                out.append(self._pixels(data))
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _encode_text(self, tokens) -> np.ndarray:
         tokens = tokens.to(self.device)
@@ -391,8 +401,11 @@ class ClipEmbedder:
             Per item either (image_emb, text_emb, query_text_emb), each (D,) or None, or an error
             string when its image could not be decoded.
         """
-        # Decode on the pool while the text batch runs on this thread.
-        futures = {i: self._pool.submit(self._pixels, img) for i, (_, img, _) in enumerate(items) if img is not None}
+        # Decode the batch's images in one background job while the text batch runs on this thread.
+        # One job, not one per image: parallel decode threads fight over the GIL and torch's own
+        # threads, and on 2 cores decoded 64 images in 23 ms where one thread took 15 ms.
+        wanted = [(i, img) for i, (_, img, _) in enumerate(items) if img is not None]
+        decoding = self._pool.submit(self._decode_all, [img for _, img in wanted])
         texts = [i for i, (_, _, cap) in enumerate(items) if cap]
         text_emb, query_emb = {}, {}
         with self._torch.inference_mode():
@@ -408,11 +421,11 @@ class ClipEmbedder:
                 for i, (_, img, cap) in enumerate(items)
                 if not (img or cap)
             }
-            for i, fut in futures.items():
-                try:
-                    pixels[i] = fut.result()
-                except Exception as e:  # undecodable: ingest should have caught it; reject, don't crash
-                    errors[i] = f"image_undecodable: {describe_error(e)}"
+            for (i, _), decoded in zip(wanted, decoding.result(), strict=True):
+                if isinstance(decoded, Exception):  # undecodable: ingest should have caught it; reject, don't crash
+                    errors[i] = f"image_undecodable: {describe_error(decoded)}"
+                else:
+                    pixels[i] = decoded
             order = sorted(pixels)
             image_emb = dict(zip(order, self._encode_pixels([pixels[i] for i in order]), strict=True)) if order else {}
         return [
