@@ -208,7 +208,7 @@ def lean_encode_image(model, pixels):
     return x @ visual.proj if visual.proj is not None else x
 
 
-def _row_lengths(tokens: np.ndarray) -> np.ndarray:
+def row_lengths(tokens: np.ndarray) -> np.ndarray:
     """Length of each row without its trailing padding (token 0), at least 1."""
     nonzero = tokens != 0
     last = tokens.shape[1] - 1 - np.argmax(nonzero[:, ::-1], axis=1)
@@ -241,7 +241,7 @@ def lean_encode_text(model, tokens, stats: dict | None = None):
     tower, pool, eos = spec
     device = tokens.device
     rows = tokens.cpu().numpy()
-    lengths = _row_lengths(rows)
+    lengths = row_lengths(rows)
     pooled_at = _pool_positions(rows, pool, eos)
     if (pooled_at >= lengths).any():
         raise ValueError("a row is pooled at a padding position")
@@ -270,14 +270,17 @@ def lean_encode_text(model, tokens, stats: dict | None = None):
         _block_(blk, x, ws, attend)
     pooled_mask = mask[np.arange(R), pooled_at][:, None, None, :]  # (R, 1, 1, L)
     x = _block_pooled(blocks[-1], x[as_tensor(pooled_nodes)], x[index], as_tensor(pooled_mask))  # (R, W)
-    x = tower.ln_final(x)
-    if tower.text_projection is not None:
-        x = (
-            tower.text_projection(x)
-            if isinstance(tower.text_projection, torch.nn.Module)
-            else x @ tower.text_projection
-        )
-    return x
+    return project_text(tower, tower.ln_final(x))
+
+
+def project_text(tower, pooled):
+    """The text tower's output projection (a Linear or a plain matrix, as open_clip builds it), if any."""
+    import torch
+
+    projection = tower.text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, torch.nn.Module) else pooled @ projection
 
 
 def _tolerance(model) -> float:
@@ -292,23 +295,38 @@ def _max_diff(a, b) -> float:
     return (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).abs().max().item()
 
 
-def lean_text_applies(model, tokenizer) -> bool:
-    """Whether `lean_encode_text` matches `model.encode_text` on probe captions."""
+def matches_open_clip(what: str, ours, theirs, model, normalized: bool = True) -> bool:
+    """Whether a pass agrees with open_clip's own encoder on a probe batch; a pass that raises does not apply.
+
+    Args:
+        what: the pass's name, for the log.
+        ours, theirs: zero-argument callables giving the pass's and open_clip's features.
+        model: the model (its precision picks the tolerance, TOL or TOL_HALF).
+        normalized: compare unit-norm embeddings; False compares the raw features.
+    """
     import torch
 
+    try:
+        with torch.inference_mode():
+            a, b = ours().float(), theirs().float()
+    except Exception as e:  # any mismatch of internals means the pass does not apply here
+        logging.info("%s not applicable: %s", what, e)
+        return False
+    diff = _max_diff(a, b) if normalized else (a - b).abs().max().item()
+    if diff >= _tolerance(model):
+        logging.warning("%s differs from open_clip's encoder by %.2e; using open_clip's", what, diff)
+    return diff < _tolerance(model)
+
+
+def lean_text_applies(model, tokenizer) -> bool:
+    """Whether `lean_encode_text` matches `model.encode_text` on probe captions."""
     spec = text_tower(model)
     if spec is None or not standard_blocks(spec[0].transformer):
         return False
     tokens = tokenizer(list(PROBE_CAPTIONS)).to(next(model.parameters()).device)
-    try:
-        with torch.inference_mode():
-            diff = _max_diff(lean_encode_text(model, tokens), model.encode_text(tokens))
-    except Exception as e:  # any mismatch of internals means the path does not apply here
-        logging.info("lean text path not applicable: %s", e)
-        return False
-    if diff >= _tolerance(model):
-        logging.warning("lean text path differs from encode_text by %.2e; using encode_text", diff)
-    return diff < _tolerance(model)
+    return matches_open_clip(
+        "lean text path", lambda: lean_encode_text(model, tokens), lambda: model.encode_text(tokens), model
+    )
 
 
 def lean_image_applies(model) -> bool:
@@ -325,12 +343,6 @@ def lean_image_applies(model) -> bool:
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn((3, 3, *size), generator=gen).to(param.device, param.dtype)
-    try:
-        with torch.inference_mode():
-            diff = _max_diff(lean_encode_image(model, pixels), model.encode_image(pixels))
-    except Exception as e:
-        logging.info("lean image path not applicable: %s", e)
-        return False
-    if diff >= _tolerance(model):
-        logging.warning("lean image path differs from encode_image by %.2e; using encode_image", diff)
-    return diff < _tolerance(model)
+    return matches_open_clip(
+        "lean image path", lambda: lean_encode_image(model, pixels), lambda: model.encode_image(pixels), model
+    )

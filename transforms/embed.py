@@ -34,10 +34,14 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from schemas.records import EmbeddedExample, Example, Reject
 from transforms.clip_lean import (
+    PROBE_CAPTIONS,
     lean_encode_image,
     lean_encode_text,
     lean_image_applies,
     lean_text_applies,
+    matches_open_clip,
+    project_text,
+    row_lengths,
     text_tower,
 )
 from transforms.rng import query_dropout, stable_hash
@@ -47,19 +51,10 @@ NAMESPACE = "embed"
 FAILED = "failed"  # tag of the reject output of EmbedExamples
 DEMO = "demo"  # --clip_model value selecting the shipped demo CLIP
 NO_WEIGHTS = ("", "none", "random")  # --clip_pretrained values meaning random weights (speed runs only)
-FAST_TEXT_TOL = 1e-5  # fast text path vs encode_text, float32
-FAST_TEXT_TOL_HALF = 5e-3  # the same check in float16 (cuda), where rounding alone is ~1e-3
 
 # Model loads in this process, by --clip_model; tests read it (Beam's counter is the run's total).
 MODEL_LOADS: Counter = Counter()
 _loads_lock = threading.Lock()
-
-_PROBE_CAPTIONS = (
-    "a red circle",
-    "a small blue square at the top left of a large green triangle on a white background",
-    "x",
-    "",
-)
 
 
 class ClipWeightsUnavailable(RuntimeError):
@@ -235,7 +230,6 @@ def fast_encode_text(model, tokens):
     Returns:
         (B, embed_dim) unnormalized text features, like `encode_text`.
     """
-    import torch
     from open_clip.transformer import text_global_pool
 
     spec = text_tower(model)
@@ -250,34 +244,21 @@ def fast_encode_text(model, tokens):
     x = x + tower.positional_embedding[:length].to(cast_dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
     x = tower.ln_final(x)
-    x = text_global_pool(x, text, pool, eos_token_id=eos)  # (B, W)
-    if tower.text_projection is not None:
-        x = (
-            tower.text_projection(x)
-            if isinstance(tower.text_projection, torch.nn.Module)
-            else x @ tower.text_projection
-        )
-    return x
+    return project_text(tower, text_global_pool(x, text, pool, eos_token_id=eos))  # (B, D)
 
 
 def fast_text_applies(model, tokenizer) -> bool:
-    """Whether `fast_encode_text` matches `model.encode_text` on a probe batch (max abs diff within tolerance)."""
-    import torch
-
+    """Whether `fast_encode_text` matches `model.encode_text` on a probe batch (raw features, max abs diff)."""
     if text_tower(model) is None:
         return False
-    param = next(model.parameters())
-    tokens = tokenizer(list(_PROBE_CAPTIONS)).to(param.device)
-    try:
-        with torch.inference_mode():
-            diff = (fast_encode_text(model, tokens).float() - model.encode_text(tokens).float()).abs().max().item()
-    except Exception as e:  # any mismatch of internals means the trick does not apply here
-        logging.info("fast text path not applicable: %s", e)
-        return False
-    tol = FAST_TEXT_TOL if param.dtype == torch.float32 else FAST_TEXT_TOL_HALF
-    if diff >= tol:
-        logging.warning("fast text path differs from encode_text by %.2e; using encode_text", diff)
-    return diff < tol
+    tokens = tokenizer(list(PROBE_CAPTIONS)).to(next(model.parameters()).device)
+    return matches_open_clip(
+        "fast text path",
+        lambda: fast_encode_text(model, tokens),
+        lambda: model.encode_text(tokens),
+        model,
+        normalized=False,
+    )
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -298,9 +279,8 @@ def dropout_tokens(tokens, keys: Sequence[str], rate: float, seed: int):
 
     rows = tokens.cpu().numpy()  # numpy rows: a python loop over torch rows costs more than the model here
     out = np.zeros_like(rows)
-    for i, (row, key) in enumerate(zip(rows, keys, strict=True)):
-        nonzero = np.flatnonzero(row)
-        ids = row[: nonzero[-1] + 1 if len(nonzero) else 0].tolist()  # [start, content..., end]; id 0 may be content
+    for i, (row, n, key) in enumerate(zip(rows, row_lengths(rows), keys, strict=True)):
+        ids = row[:n].tolist()  # [start, content..., end], trailing padding cut (id 0 may also be content)
         kept = [ids[0], *query_dropout(ids[1:-1], rate, seed, key), ids[-1]] if len(ids) > 2 else ids
         out[i, : len(kept)] = kept
     return torch.from_numpy(out)

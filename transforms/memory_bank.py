@@ -242,7 +242,7 @@ class Bank:
         import faiss
 
         ids = np.asarray(ids, dtype=np.int64)
-        if self._flat is not None or isinstance(self.index, faiss.IndexFlat):
+        if self.is_flat:
             if self._flat is None:  # valid while the index lives and is not added to (the Bank owns both)
                 n, d = self.count, self.index.d
                 self._flat = faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d))
