@@ -71,7 +71,8 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
 
     sc = SequenceConfig.from_config(cfg)
     tokenizers = examples | "FitTokenizers" >> FitTokenizers(f"{staging}/tokenizers", sc)
-    docs, token_rejects = examples | "TokenizeDocs" >> TokenizeDocs(tokenizers)
+    tok_opts = {"batch_size": sc.tokenize_batch_size, "device": sc.device, "dtype": sc.image_tokenizer_dtype}
+    docs, token_rejects = examples | "TokenizeDocs" >> TokenizeDocs(tokenizers, **tok_opts)
     embedded_keys = embedded | "EmbeddedKeys" >> beam.Map(lambda e: (e.key, None))
     others = None
     if cfg.neighbour_input:  # documents of the bank's own corpus: neighbours, never queries, not counted
@@ -80,7 +81,9 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
             other_units, cfg, counters="neighbour_input_", key_prefix=cfg.neighbour_key_prefix
         )
         (examples, other_examples) | "KeysDistinct" >> FailOnSharedKeys()
-        others, _ = other_examples | "TokenizeNeighbourDocs" >> TokenizeDocs(tokenizers, counters="neighbour_input_")
+        others, _ = other_examples | "TokenizeNeighbourDocs" >> TokenizeDocs(
+            tokenizers, counters="neighbour_input_", **tok_opts
+        )
     joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys, documents=others)
     samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc)
     if cfg.holdout_fraction > 0:

@@ -85,7 +85,25 @@ class CorpusOptions(PipelineOptions):
         )
         a("--text_tokenizer", default=None, help="A tokenizer.json to load instead of fitting BPE on the captions.")
         a("--text_vocab_size", type=int, default=56_320)
-        a("--image_tokenizer", default=None, help="An image tokenizer file to load instead of fitting one.")
+        a(
+            "--image_tokenizer",
+            default=None,
+            help="An image tokenizer file to load instead of fitting one, or vqgan:DIR (a Chameleon/Anole"
+            " tokenizer/vqgan.yaml + vqgan.ckpt, or taming configs/model.yaml + last.ckpt; .safetensors too).",
+        )
+        a(
+            "--vocab",
+            default="native",
+            help="Token id space: native (specials, text, image ranges) or chameleon:DIR (Chameleon's"
+            " text_tokenizer.json from DIR: its BPE for text, IMGIMG entries for image codes).",
+        )
+        a("--tokenize_batch_size", type=int, default=16, help="Images per image-tokenizer batch (cut from keys).")
+        a(
+            "--image_tokenizer_dtype",
+            default="float32",
+            choices=["float32", "bfloat16", "float16"],
+            help="A VQ-GAN's convolution dtype (half precision is for --device cuda); codes are picked in float32.",
+        )
         a("--image_codebook_size", type=int, default=8192)
         a("--image_size", type=int, default=256, help="Side images are resized to before tokenizing.")
         a("--image_patch_size", type=int, default=8, help="Side of one image token's patch.")
@@ -132,7 +150,10 @@ class BuildConfig:
     holdout_fraction: float = 0.0  # examples kept out of the bank and written to shards/heldout/
     text_tokenizer: str | None = None  # tokenizer.json to load
     text_vocab_size: int = 56_320  # BPE vocabulary size when fitting
-    image_tokenizer: str | None = None  # image tokenizer file to load
+    image_tokenizer: str | None = None  # image tokenizer file to load, or vqgan:DIR
+    vocab: str = "native"  # native | chameleon:DIR
+    tokenize_batch_size: int = 16  # images per image-tokenizer batch
+    image_tokenizer_dtype: str = "float32"  # float32 | bfloat16 | float16 (a VQ-GAN's convolutions)
     image_codebook_size: int = 8192  # VQ codes
     image_size: int = 256  # images are resized to this square side
     image_patch_size: int = 8  # one token per patch
@@ -158,6 +179,13 @@ class BuildConfig:
         for name in ("key_prefix", "neighbour_key_prefix"):
             if values.get(name) and not re.fullmatch(r"[A-Za-z0-9_\-]+", values[name]):
                 raise SystemExit(f"cm3corpus build: --{name} {values[name]!r} may only hold letters, digits, _ and -")
+        vocab = values.get("vocab") or "native"
+        if vocab != "native" and not (vocab.startswith("chameleon:") and len(vocab) > len("chameleon:")):
+            raise SystemExit(f"cm3corpus build: --vocab {vocab!r}: expected native or chameleon:DIR")
+        if vocab != "native" and values.get("text_tokenizer"):
+            raise SystemExit("cm3corpus build: --text_tokenizer and --vocab chameleon:DIR both name the text tokenizer")
+        if (values.get("tokenize_batch_size") or 1) < 1:
+            raise SystemExit("cm3corpus build: --tokenize_batch_size must be at least 1")
         if not values.get("memory_bank"):
             needing = [
                 f"--{n}" for n in ("neighbour_input", "extend_memory_bank", "neighbour_key_prefix") if values.get(n)

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from schemas.vocab import BREAK, EOD, EOSS, Vocab
+from schemas.vocab import BREAK, EOD, Vocab
 from transforms.rng import rng_for
 
 TEXT, IMAGE = "text", "image"
@@ -119,7 +119,7 @@ def _cut_query(parts: list[tuple[str, np.ndarray]], room: int) -> tuple[list[tup
     return cut, text_cut, image_cut
 
 
-def layout(neighbours: Sequence[Any], query: Any, seq_len: int, reserve: int = 0) -> Layout:
+def layout(neighbours: Sequence[Any], query: Any, seq_len: int, reserve: int = 0, vocab: Any = None) -> Layout:
     """Lay out the retrieved documents then the query in at most `seq_len - reserve` tokens.
 
     Args:
@@ -127,7 +127,9 @@ def layout(neighbours: Sequence[Any], query: Any, seq_len: int, reserve: int = 0
         query: the caption–image pair being trained on; must have at least one part.
         seq_len: the training sequence length.
         reserve: tokens kept free for masking (3 per span; `cm3_sequence` passes it).
+        vocab: the id space whose `<eod>` / `<break>` to write (`eod_id`, `break_id`); native ids when None.
     """
+    eod, brk = (EOD, BREAK) if vocab is None else (vocab.eod_id, vocab.break_id)
     budget = seq_len - reserve
     query_parts = _parts(query)
     if not query_parts:
@@ -148,18 +150,18 @@ def layout(neighbours: Sequence[Any], query: Any, seq_len: int, reserve: int = 0
     if total(docs) > budget:
         query_parts, text_cut, image_cut = _cut_query(query_parts, budget - 2)
 
-    tokens: list[np.ndarray] = [np.array([EOD], np.int32)]
+    tokens: list[np.ndarray] = [np.array([eod], np.int32)]
     segments: list[Segment] = []
     pos = 1
     for doc_index, parts in [*docs, (QUERY, query_parts)]:
         for kind, ids in parts:
             if segments:
-                tokens.append(np.array([BREAK], np.int32))
+                tokens.append(np.array([brk], np.int32))
                 pos += 1
             tokens.append(ids)
             segments.append(Segment(pos, pos + len(ids), kind, doc_index))
             pos += len(ids)
-    tokens.append(np.array([EOD], np.int32))
+    tokens.append(np.array([eod], np.int32))
     out = np.concatenate(tokens).astype(np.int32)
     assert len(out) <= budget, (len(out), budget)
     return Layout(out, segments, tuple(dropped), text_cut, image_cut)
@@ -221,7 +223,7 @@ def mask(lay: Layout, seed: int, key: str, vocab: Vocab, max_spans: int, seq_len
     for i, span in enumerate(spans):
         sentinel = np.array([vocab.sentinel(i)], np.int32)
         head += [lay.tokens[pos : span.start], sentinel]
-        tail += [sentinel, lay.tokens[span.start : span.stop], np.array([EOSS], np.int32)]
+        tail += [sentinel, lay.tokens[span.start : span.stop], np.array([vocab.eoss_id], np.int32)]
         pos = span.stop
     head.append(lay.tokens[pos:])
     return Masked(np.concatenate(head + tail).astype(np.int32), lay, spans)
@@ -234,13 +236,13 @@ def unmask(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
     its span, a span without `<eoss>`, a span used twice or never).
     """
     toks = np.asarray(tokens, dtype=np.int32)
-    eods = np.flatnonzero(toks == EOD)
-    if len(toks) == 0 or toks[0] != EOD or len(eods) < 2:
+    eod, eoss = vocab.eod_id, vocab.eoss_id
+    eods = np.flatnonzero(toks == eod)
+    if len(toks) == 0 or toks[0] != eod or len(eods) < 2:
         raise ValueError("not a CM3 layout: expected <eod> ... <eod>")
     end = int(eods[1]) + 1  # spans never hold <eod>, so the second one closes the layout
 
-    def is_sentinel(t: int) -> bool:
-        return vocab.sentinel_start <= t < vocab.text_start
+    is_sentinel = vocab.is_sentinel
 
     tail = toks[end:].tolist()
     spans: dict[int, list[int]] = {}
@@ -249,7 +251,7 @@ def unmask(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
         if not is_sentinel(tail[i]) or tail[i] in spans:
             raise ValueError(f"expected a new sentinel at tail position {i}, got {tail[i]}")
         try:
-            j = tail.index(EOSS, i + 1)
+            j = tail.index(eoss, i + 1)
         except ValueError:
             raise ValueError(f"span of sentinel {tail[i]} has no <eoss>") from None
         spans[tail[i]] = tail[i + 1 : j]
@@ -295,9 +297,9 @@ def cm3_sequence(
         raise ValueError(f"unknown masking {masking!r}")
     spans = vocab.num_sentinels if max_spans is None else max_spans
     if masking == "none" or spans == 0:
-        lay = layout(neighbours, query, seq_len)
+        lay = layout(neighbours, query, seq_len, vocab=vocab)
         return Masked(lay.tokens.copy(), lay, [])
-    lay = layout(neighbours, query, seq_len, reserve=TOKENS_PER_SPAN * spans)
+    lay = layout(neighbours, query, seq_len, reserve=TOKENS_PER_SPAN * spans, vocab=vocab)
     return mask(lay, seed, key, vocab, spans, seq_len)
 
 

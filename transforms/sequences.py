@@ -3,7 +3,9 @@
 - `FitTokenizers`: the second global step. The text BPE is fitted on a bounded, key-hash-chosen
   sample of captions sorted by key, the image codebook on a bounded sample of images, so the fit
   is the same whatever the runner; or both are loaded. Writes `tokenizers/` and yields its path.
-- `TokenizeDocs`: Example → (key, TokenizedDoc), tokenizers loaded once per worker.
+- `TokenizeDocs`: Example → (key, TokenizedDoc), tokenizers loaded once per worker; images are
+  encoded in model batches cut from the keys (`KeyedBatches`, the embed stage's rule), so a
+  VQ-GAN's codes never depend on the runner's bundles.
 - `BuildSequences`: query + joined neighbours → CM3 layout, neighbour pick, causal masking → ShardSample.
 - `WriteShards`: count and size → number of shards (side input) → key-hash buckets → sorted tars + manifest.
 """
@@ -43,6 +45,10 @@ class SequenceConfig:
     fit_captions: int  # captions the BPE is fitted on at most
     fit_images: int  # images the codebook is fitted on at most
     seed: int
+    vocab: str = "native"  # native | chameleon:DIR (Chameleon's text_tokenizer.json and id space)
+    tokenize_batch_size: int = 16  # images per image-tokenizer batch
+    device: str = "cpu"  # where a VQ-GAN runs
+    image_tokenizer_dtype: str = "float32"  # a VQ-GAN's convolution dtype (float32 | bfloat16 | float16)
 
     @classmethod
     def from_config(cls, cfg) -> SequenceConfig:
@@ -59,6 +65,10 @@ class SequenceConfig:
             cfg.tokenizer_fit_captions,
             cfg.tokenizer_fit_images,
             cfg.seed,
+            getattr(cfg, "vocab", "native"),
+            getattr(cfg, "tokenize_batch_size", 16),
+            getattr(cfg, "device", "cpu"),
+            getattr(cfg, "image_tokenizer_dtype", "float32"),
         )
 
 
@@ -104,7 +114,12 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
         write_tokenizers,
     )
 
-    if sc.text_tokenizer:
+    chameleon = sc.vocab.startswith("chameleon:")
+    if chameleon:
+        from transforms.chameleon import tokenizer_path
+
+        text_tok = load_text_tokenizer(tokenizer_path(sc.vocab[len("chameleon:") :]))
+    elif sc.text_tokenizer:
         text_tok = load_text_tokenizer(sc.text_tokenizer)
     else:
         text_tok = fit_text_tokenizer([c for _, c in sorted(captions)], sc.text_vocab_size)
@@ -115,7 +130,13 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
             raise ValueError("no images to fit the image tokenizer on; pass --image_tokenizer")
         pictures = DecodedImages([b for _, b in sorted(images)])  # decoded one at a time, not all at once
         image_tok = fit_patch_vq(pictures, sc.image_codebook_size, sc.image_size, sc.image_patch_size, sc.seed)
-    write_tokenizers(directory, text_tok, image_tok, build_vocab(text_tok, image_tok, NUM_SENTINELS))
+    if chameleon:
+        from transforms.chameleon import chameleon_vocab
+
+        vocab = chameleon_vocab(text_tok, image_tok.num_codes, image_tok.tokens_per_image, NUM_SENTINELS)
+    else:
+        vocab = build_vocab(text_tok, image_tok, NUM_SENTINELS)
+    write_tokenizers(directory, text_tok, image_tok, vocab)
     return directory
 
 
@@ -184,42 +205,77 @@ def load_once(directory: str) -> tuple:
         return _loaded[directory]
 
 
-class _TokenizeDoc(beam.DoFn):
-    def __init__(self, reject_ns: str = "rejected"):
-        self._reject_ns = reject_ns
+class _TokenizeBatch(beam.DoFn):
+    """One keyed batch of Examples → (key, TokenizedDoc) each, its images encoded as one model batch."""
 
-    def process(self, example: Example, directory: str):
-        from transforms.tokenize import encode_caption, encode_image
+    def __init__(self, reject_ns: str = "rejected", device: str = "cpu", dtype: str = "float32"):
+        self._reject_ns, self._device, self._dtype = reject_ns, device, dtype
+
+    def _reject(self, example: Example, what: str, error: Exception):
+        Metrics.counter(self._reject_ns, "stage_error").inc()
+        return beam.pvalue.TaggedOutput(
+            FAILED, Reject(example.key, example.source, "stage_error", f"{what}: {describe_error(error)}")
+        )
+
+    def process(self, batch, directory: str):
+        from transforms.tokenize import encode_caption, encode_images
 
         text_tok, image_tok, vocab = load_once(directory)
-        try:
-            text = np.asarray(encode_caption(text_tok, vocab, example.caption), np.int32) if example.caption else None
-            image = None
-            if example.image is not None:
-                image = np.asarray(encode_image(image_tok, vocab, _decode_rgb(example.image)), np.int32)
-        except Exception as e:  # a document that cannot be tokenized is rejected, not fatal
-            Metrics.counter(self._reject_ns, "stage_error").inc()
-            yield beam.pvalue.TaggedOutput(
-                FAILED, Reject(example.key, example.source, "stage_error", f"tokenize: {describe_error(e)}")
-            )
-            return
-        progress.note("tokenized")
-        yield example.key, TokenizedDoc(example.key, example.modality, text, image)
+        if hasattr(image_tok, "place"):  # a VQ-GAN: onto --device once per process (a no-op after)
+            image_tok.place(self._device, self._dtype)
+        texts, pictures, failed = {}, {}, set()
+        for i, example in enumerate(batch):
+            try:  # a document that cannot be tokenized is rejected, not fatal
+                if example.caption:
+                    texts[i] = np.asarray(encode_caption(text_tok, vocab, example.caption), np.int32)
+                if example.image is not None:
+                    pictures[i] = _decode_rgb(example.image)
+            except Exception as e:
+                failed.add(i)
+                yield self._reject(example, "tokenize", e)
+        order = [i for i in pictures if i not in failed]
+        images = {}
+        if order:
+            try:
+                ids = encode_images(image_tok, vocab, [pictures[i] for i in order])
+                images = {i: np.asarray(v, np.int32) for i, v in zip(order, ids, strict=True)}
+            except Exception as e:  # the whole model batch failed: each of its documents is rejected
+                for i in order:
+                    failed.add(i)
+                    yield self._reject(batch[i], "tokenize batch", e)
+        for i, example in enumerate(batch):
+            if i in failed:
+                continue
+            progress.note("tokenized")
+            yield example.key, TokenizedDoc(example.key, example.modality, texts.get(i), images.get(i))
 
 
 class TokenizeDocs(beam.PTransform):
     """PCollection[Example] → ((key, TokenizedDoc) pairs, Rejects), given the tokenizers directory.
 
-    `counters` prefixes the reject counter's namespace, as in `ReadExamples`.
+    `counters` prefixes the reject counter's namespace, as in `ReadExamples`. Images are encoded
+    `batch_size` at a time in batches made from the keys (see `transforms.embed.KeyedBatches`).
     """
 
-    def __init__(self, tokenizers_dir, counters: str = ""):
+    def __init__(
+        self,
+        tokenizers_dir,
+        counters: str = "",
+        batch_size: int = 16,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         super().__init__()
         self._dir, self._reject_ns = tokenizers_dir, f"{counters}rejected"
+        self._batch_size, self._device, self._dtype = batch_size, device, dtype
 
     def expand(self, examples):
+        from transforms.embed import KeyedBatches
+
         side = beam.pvalue.AsSingleton(self._dir)
-        out = examples | "Tokenize" >> beam.ParDo(_TokenizeDoc(self._reject_ns), side).with_outputs(FAILED, main="docs")
+        batches = examples | "KeyedBatches" >> KeyedBatches(self._batch_size)
+        fn = _TokenizeBatch(self._reject_ns, self._device, self._dtype)
+        out = batches | "Tokenize" >> beam.ParDo(fn, side).with_outputs(FAILED, main="docs")
         return out.docs, out[FAILED]
 
 

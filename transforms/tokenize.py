@@ -5,8 +5,9 @@ feeds them sorted by key, so a rerun fits the same merges). It holds no special 
 specials (`<eod>`, `<break>`, sentinels, ...) live in `Vocab`, and byte-level pre-tokenisation
 with no normaliser makes `decode(encode(caption)) == caption` for every string.
 
-Images: any `ImageTokenizer` (a small protocol, so a pretrained VQ-GAN can sit behind it later,
-loaded by its `kind`). The built-in `PatchVQTokenizer` is a vector quantiser over raw RGB patches:
+Images: any `ImageTokenizer` (a small protocol, loaded by its `kind`): the built-in patch VQ below,
+or a pretrained VQ-GAN (`transforms/vqgan.py`, kind `vqgan`, opened from a release directory with
+`vqgan:DIR`). The built-in `PatchVQTokenizer` is a vector quantiser over raw RGB patches:
 k-means (faiss) on a sample of patches; its codebook is stored as uint8 pixels, which makes the
 nearest-code search exact integer arithmetic and so the same codes on every machine.
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from schemas.vocab import Vocab
+from schemas.vocab import ChameleonVocab, Vocab, load_vocab
 from transforms.parquet_io import write_bytes
 from transforms.rng import rng_for
 
@@ -104,14 +105,16 @@ def load_text_tokenizer(path: str) -> tokenizers.Tokenizer:
     return Tokenizer.from_str(_read_bytes(path).decode("utf-8"))
 
 
-def encode_caption(text_tok: tokenizers.Tokenizer, vocab: Vocab, caption: str) -> list[int]:
-    """Caption → global text ids (`vocab.text_start + local id`), no specials added."""
+def encode_caption(text_tok: tokenizers.Tokenizer, vocab: Vocab | ChameleonVocab, caption: str) -> list[int]:
+    """Caption → global text ids (`vocab.text_start + local id`; Chameleon's ids as they are), no specials added."""
     local = text_tok.encode(caption, add_special_tokens=False).ids
-    return [vocab.text_start + t for t in local]
+    return vocab.text_ids(local)
 
 
 def decode_text(text_tok: tokenizers.Tokenizer, vocab: Vocab, ids: Sequence[int]) -> str:
     """Global text ids → the string; raises ValueError on an id outside the text range."""
+    if vocab.kind == "chameleon":
+        return text_tok.decode(vocab.text_ids(ids), skip_special_tokens=False)
     local = np.asarray(ids, dtype=np.int64) - vocab.text_start
     if local.size and (local.min() < 0 or local.max() >= vocab.text_size):
         raise ValueError("decode_text got ids outside the text range")
@@ -293,10 +296,18 @@ def fit_patch_vq(
     return PatchVQTokenizer(codebook, image_size, patch_size)
 
 
-# Loaders by `kind`; a pretrained VQ-GAN registers its own here.
+def _vqgan_from_arrays(arrays: dict[str, np.ndarray]) -> ImageTokenizer:
+    from transforms.vqgan import VQGANTokenizer  # torch is imported only when a VQ-GAN is opened
+
+    return VQGANTokenizer.from_arrays(arrays)
+
+
+# Loaders by `kind`.
 _IMAGE_TOKENIZER_LOADERS: dict[str, Callable[[dict[str, np.ndarray]], ImageTokenizer]] = {
     PatchVQTokenizer.kind: PatchVQTokenizer.from_arrays,
+    "vqgan": _vqgan_from_arrays,
 }
+VQGAN_PREFIX = "vqgan:"  # `--image_tokenizer vqgan:DIR`: a Chameleon/Anole or taming release directory
 
 
 def register_image_tokenizer(kind: str, from_arrays: Callable[[dict[str, np.ndarray]], ImageTokenizer]) -> None:
@@ -305,7 +316,11 @@ def register_image_tokenizer(kind: str, from_arrays: Callable[[dict[str, np.ndar
 
 
 def load_image_tokenizer(path: str) -> ImageTokenizer:
-    """Load an image tokenizer `.npz` (never unpickled), dispatching on its `kind` field."""
+    """Load an image tokenizer `.npz` (never unpickled), dispatching on its `kind` field, or `vqgan:DIR`."""
+    if path.startswith(VQGAN_PREFIX):
+        from transforms.vqgan import load_vqgan
+
+        return load_vqgan(path[len(VQGAN_PREFIX) :])
     arrays = _load_npz(_read_bytes(path))
     if "kind" not in arrays:
         raise ValueError(f"{path} has no 'kind' field; not an image tokenizer file")
@@ -315,19 +330,28 @@ def load_image_tokenizer(path: str) -> ImageTokenizer:
     return _IMAGE_TOKENIZER_LOADERS[kind](arrays)
 
 
-def encode_image(image_tok: ImageTokenizer, vocab: Vocab, image: Image.Image) -> list[int]:
-    """One image → `tokens_per_image` global image ids (`vocab.image_start + code`)."""
-    codes = image_tok.encode([image])[0]
-    return (codes.astype(np.int64) + vocab.image_start).tolist()
+def encode_image(image_tok: ImageTokenizer, vocab: Vocab | ChameleonVocab, image: Image.Image) -> list[int]:
+    """One image → its segment's global ids (`vocab.image_start + code`; in Chameleon's space boi, codes, eoi)."""
+    return encode_images(image_tok, vocab, [image])[0]
 
 
-def decode_image(image_tok: ImageTokenizer, vocab: Vocab, ids: Sequence[int]) -> Image.Image:
-    """`tokens_per_image` global image ids → the decoded image; raises ValueError on a bad id or length."""
-    codes = np.asarray(ids, dtype=np.int64) - vocab.image_start
-    if codes.shape != (image_tok.tokens_per_image,):
-        raise ValueError(f"expected {image_tok.tokens_per_image} image ids, got {codes.shape[0]}")
-    if codes.min() < 0 or codes.max() >= vocab.image_codes:
-        raise ValueError("decode_image got ids outside the image range")
+def encode_images(
+    image_tok: ImageTokenizer, vocab: Vocab | ChameleonVocab, images: list[Image.Image]
+) -> list[list[int]]:
+    """`encode_image` of several images as one model batch (the batch is the caller's, cut from keys)."""
+    return [vocab.image_ids(codes.tolist()) for codes in image_tok.encode(images)]
+
+
+def decode_image(image_tok: ImageTokenizer, vocab: Vocab | ChameleonVocab, ids: Sequence[int]) -> Image.Image:
+    """An image segment's global ids → the decoded image; raises ValueError on a bad id or length."""
+    if vocab.kind == "native":  # the historical messages, which tests and tools match on
+        codes = np.asarray(ids, dtype=np.int64) - vocab.image_start
+        if codes.shape != (image_tok.tokens_per_image,):
+            raise ValueError(f"expected {image_tok.tokens_per_image} image ids, got {codes.shape[0]}")
+        if codes.min() < 0 or codes.max() >= vocab.image_codes:
+            raise ValueError("decode_image got ids outside the image range")
+    else:
+        codes = np.asarray(vocab.codes_of_image(ids), dtype=np.int64)
     return image_tok.decode(codes[None, :])[0]
 
 
@@ -351,12 +375,18 @@ def write_tokenizers(directory: str, text_tok: tokenizers.Tokenizer, image_tok: 
     write_bytes(f"{directory}/{VOCAB_FILE}", vocab.to_json().encode("utf-8"))
 
 
-def load_tokenizers(directory: str) -> tuple[tokenizers.Tokenizer, ImageTokenizer, Vocab]:
+def load_tokenizers(directory: str) -> tuple[tokenizers.Tokenizer, ImageTokenizer, Vocab | ChameleonVocab]:
     """Read back what `write_tokenizers` wrote, checking that the three files agree."""
     text_tok = load_text_tokenizer(f"{directory}/{TEXT_TOKENIZER_FILE}")
     image_tok = load_image_tokenizer(f"{directory}/{IMAGE_TOKENIZER_FILE}")
-    vocab = Vocab.from_json(_read_bytes(f"{directory}/{VOCAB_FILE}").decode("utf-8"))
-    expected = build_vocab(text_tok, image_tok, vocab.num_sentinels)
+    vocab = load_vocab(_read_bytes(f"{directory}/{VOCAB_FILE}").decode("utf-8"))
+    if vocab.kind == "chameleon":
+        from transforms.chameleon import chameleon_vocab, text_only
+
+        text_tok = text_only(text_tok)
+        expected = chameleon_vocab(text_tok, image_tok.num_codes, image_tok.tokens_per_image, vocab.num_sentinels)
+    else:
+        expected = build_vocab(text_tok, image_tok, vocab.num_sentinels)
     if expected != vocab:
         raise ValueError(f"{directory}/{VOCAB_FILE} does not match its tokenizers: {vocab} vs {expected}")
     return text_tok, image_tok, vocab
@@ -373,6 +403,7 @@ __all__ = [
     "decode_text",
     "encode_caption",
     "encode_image",
+    "encode_images",
     "fit_patch_vq",
     "fit_text_tokenizer",
     "load_image_tokenizer",
