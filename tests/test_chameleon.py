@@ -168,6 +168,7 @@ def read_shards(out) -> dict[str, np.ndarray]:
     return samples
 
 
+@pytest.mark.slow
 def test_build_writes_chameleon_space_shards(corpus, release):
     root, stats = corpus
     out = root / "out"
@@ -245,6 +246,7 @@ def batches(samples: dict[str, np.ndarray], pad: int, size: int = 8):
         yield ids, ids != pad
 
 
+@pytest.mark.slow
 def test_shards_train_hugging_face_chameleon(corpus):
     """Our shards stream into HF's Chameleon; loss over every token (image tokens included) falls."""
     import torch
