@@ -32,7 +32,10 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "duckdb>=0.10", "pandas>=2"],
+        "test": ["pytest>=7", "ruff>=0.5", "duckdb>=0.10", "pandas>=2", "transformers>=4.44", "safetensors>=0.4"],
+        # `--image_tokenizer vqgan:DIR` with .safetensors weights, and training the shards with HF's Chameleon
+        # (the tests compare our VQ-GAN's codes with transformers' ChameleonVQVAE).
+        "chameleon": ["transformers>=4.44", "safetensors>=0.4", "pyyaml>=5"],
     },
     entry_points={"console_scripts": ["cm3corpus=pipelines.cli:main"]},
 )
