@@ -184,7 +184,7 @@ class BuildConfig:
             raise SystemExit(f"cm3corpus build: --vocab {vocab!r}: expected native or chameleon:DIR")
         if vocab != "native" and values.get("text_tokenizer"):
             raise SystemExit("cm3corpus build: --text_tokenizer and --vocab chameleon:DIR both name the text tokenizer")
-        if (values.get("tokenize_batch_size") or 1) < 1:
+        if values.get("tokenize_batch_size") is not None and values["tokenize_batch_size"] < 1:
             raise SystemExit("cm3corpus build: --tokenize_batch_size must be at least 1")
         if not values.get("memory_bank"):
             needing = [

@@ -294,3 +294,34 @@ def test_shards_train_hugging_face_chameleon(corpus):
         after_all, after_image = (v.item() for v in losses_of(data[0]))
     assert np.isfinite(losses).all() and after_all < 0.8 * before_all, (before_all, losses, after_all)
     assert after_image < 0.8 * before_image, (before_image, after_image)  # image generation is being learnt
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--vocab", "llama"], "--vocab 'llama': expected native or chameleon:DIR"),
+        (["--vocab", "chameleon:"], "expected native or chameleon:DIR"),
+        (["--vocab", "chameleon:/m", "--text_tokenizer", "t.json"], "--text_tokenizer and --vocab chameleon:DIR"),
+        (["--tokenize_batch_size", "0"], "--tokenize_batch_size must be at least 1"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(flags, message):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.options import BuildConfig
+
+    with pytest.raises(SystemExit) as err:
+        BuildConfig.from_options(PipelineOptions(["--input", "x.tar", "--output", "out", *flags]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_vocab_flags_reach_the_config():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.options import BuildConfig
+    from transforms.sequences import SequenceConfig
+
+    flags = ["--vocab=chameleon:/m", "--image_tokenizer=vqgan:/m", "--tokenize_batch_size=4"]
+    cfg = BuildConfig.from_options(PipelineOptions(["--input", "x.tar", "--output", "o", *flags, "--device=cuda"]))
+    sc = SequenceConfig.from_config(cfg)
+    assert (sc.vocab, sc.image_tokenizer, sc.tokenize_batch_size, sc.device) == ("chameleon:/m", "vqgan:/m", 4, "cuda")
