@@ -218,3 +218,27 @@ def test_loading_both_tokenizers_gathers_no_fit_sample(tmp_path, text_tok, image
     assert not steps & {"CaptionSample", "ImageSample"} and {"NoCaptionSample", "NoImageSample"} <= steps
     for name in (TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE, VOCAB_FILE):
         assert (out / name).read_bytes() == (source / name).read_bytes()
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_nearest_matches_float64_reference_exactly(patch_size):
+    # 8 px patches take the float32 path, 16 px the float64 one; both must equal the plain formula,
+    # ties included (duplicate codes), for extreme pixels and for any chunking.
+    rng = np.random.default_rng(0)
+    dim = patch_size * patch_size * 3
+    codebook = rng.integers(0, 256, size=(512, dim), dtype=np.uint8)
+    codebook[0], codebook[1] = 0, 255
+    codebook[7] = codebook[3]  # a tie: code 3 must win
+    tok = PatchVQTokenizer(codebook, image_size=patch_size * 4, patch_size=patch_size)
+    assert tok._exact_f32 == (patch_size == 8)
+    patches = rng.integers(0, 256, size=(3000, dim), dtype=np.uint8)
+    patches[:5] = 0
+    patches[5:10] = 255
+    patches[10:20] = codebook[3]
+    patches[20:30] = np.clip(codebook[3].astype(int) + rng.integers(-2, 3, size=dim), 0, 255)
+    # near-ties: patches half way between two codes
+    patches[30:40] = ((codebook[40].astype(int) + codebook[41].astype(int)) // 2).astype(np.uint8)
+    want = tok.nearest_reference(patches)
+    assert (want[10:20] == 3).all()
+    for chunk in (1, 7, 1024, 4096):
+        np.testing.assert_array_equal(tok.nearest(patches, chunk=chunk), want)
