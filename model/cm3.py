@@ -39,6 +39,39 @@ def _layer_norm(n_embd: int) -> nn.LayerNorm:
     return nn.LayerNorm(n_embd, elementwise_affine=False)
 
 
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to `max_len`.
+
+    With it, a decoding step feeds only the new token(s): attention reads the cached keys and values
+    and the learned position of a new token is `pos` (the count cached before it), so one token costs
+    one position instead of the whole context. `pos` advances after the whole forward has run.
+    """
+
+    def __init__(self, config: CM3Config, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> None:
+        self.max_len = min(max_len or config.seq_len, config.seq_len)
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, self.max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)  # (L, B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype or torch.float32)  # (L, B, nh, max_len, hs)
+        self.pos = 0  # positions already cached
+        self._pending = 0  # positions stored by the forward in flight
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, nh, T, hs) keys and values; return all cached so far, (B, nh, pos+T, hs)."""
+        T = k.size(2)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions exceed max_len {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        self._pending = T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self) -> None:
+        self.pos += self._pending
+        self._pending = 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: CM3Config) -> None:
         super().__init__()
@@ -48,13 +81,22 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        if cache is None or cache.pos == 0:
+            if cache is not None:
+                cache.store(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        else:
+            # The new positions attend to everything cached plus themselves (causally among themselves).
+            k, v = cache.store(layer, k, v)  # (B, nh, P+T, hs)
+            P = k.size(2) - T
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -77,8 +119,8 @@ class Block(nn.Module):
         self.ln_2 = _layer_norm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -112,6 +154,7 @@ class CM3Decoder(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position and, given targets, the mean next-token loss.
 
@@ -120,18 +163,23 @@ class CM3Decoder(nn.Module):
             targets: (B, T) the ids that follow each input position; PAD targets are not scored.
             loss_mask: (B, T) bool, optional: score only the targets where it is True (and not PAD),
                 e.g. the query's own tokens (`model.data.query_token_loss_mask`).
+            cache: a `KVCache`; idx then holds only the positions after those already cached, and
+                the cache is extended by them.
 
         Returns:
             (logits (B, T, V), loss) with loss None when no targets are given. With targets, the
             logits are float32 whatever the autocast dtype, as the loss needs.
         """
         B, T = idx.shape
-        if T > self.config.seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds seq_len {self.config.seq_len}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)  # (B, T, C)
+        if cache is not None:
+            cache.advance()
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -151,4 +199,4 @@ def initial_loss(vocab_size: int) -> float:
     return math.log(vocab_size)
 
 
-__all__ = ["CM3Config", "CM3Decoder", "initial_loss"]
+__all__ = ["CM3Config", "CM3Decoder", "KVCache", "initial_loss"]

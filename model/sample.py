@@ -15,6 +15,7 @@ job; `generate_image` takes it as a callable so this module does not depend on t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.cm3 import CM3Decoder, KVCache
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
 
 
@@ -64,10 +66,86 @@ def _as_batch(ids: Any, device: torch.device) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 1 else t  # (B, T)
 
 
-def _last_logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    # Without a KV cache the whole context is recomputed per token; crop it to the learned positions.
-    logits, _ = model(idx[:, -model.config.seq_len :])  # (B, T, V)
-    return logits[:, -1, :].float()  # (B, V)
+def cd_k_scores(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """CM3Leon's contrastive decoding, CD-K (section 3.1): the scores to sample from.
+
+    score(t) = log p_cond(t) - log p_uncond(t) over the tokens whose conditional probability is at
+    least alpha times the k-th largest conditional probability; every other token gets -inf. The
+    most probable conditional token always passes, so a row never ends up with nothing to sample.
+
+    Args:
+        logits_cond: (B, V) logits of the conditional (expert) stream, already masked.
+        logits_uncond: (B, V) logits of the unconditional (amateur) stream.
+        k: rank of the reference probability (1 is plain contrastive decoding's max).
+        alpha: fraction of the k-th largest probability a token needs.
+    """
+    logp_c = torch.log_softmax(logits_cond.float(), dim=-1)  # (B, V)
+    logp_u = torch.log_softmax(logits_uncond.float(), dim=-1)  # (B, V)
+    k = max(1, min(int(k), logp_c.size(-1)))
+    kth = logp_c.topk(k, dim=-1).values[:, -1:]  # (B, 1)
+    keep = logp_c >= kth + math.log(alpha) if alpha > 0 else torch.isfinite(logp_c)  # (B, V)
+    score = (logp_c - logp_u).masked_fill(~keep, float("-inf"))
+    return torch.where(torch.isfinite(logp_c) & keep, score, torch.full_like(score, float("-inf")))
+
+
+class ImageSpanRule:
+    """Image tokens only inside an image span, and the span closed after exactly `tokens_per_image`.
+
+    Per row it counts the image tokens emitted; while a span is open only image codes may be drawn,
+    at `tokens_per_image` the only allowed token is `<break>` (which closes the span), and outside a
+    span image codes are forbidden. Call `mask` before sampling and `update` with the drawn tokens.
+    """
+
+    def __init__(self, vocab: Vocab, batch_size: int, in_image: bool, device: torch.device | None = None) -> None:
+        self.lo, self.hi, self.tpi = vocab.image_start, vocab.size, vocab.tokens_per_image
+        self.in_image = torch.full((batch_size,), in_image, dtype=torch.bool, device=device)  # (B,)
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        V = logits.size(-1)
+        ids = torch.arange(V, device=logits.device)
+        is_image = (ids >= self.lo) & (ids < self.hi)  # (V,)
+        only_break = ids == BREAK  # (V,)
+        full = self.in_image & (self.count >= self.tpi)  # (B,)
+        allowed = torch.where(self.in_image.unsqueeze(1), is_image.unsqueeze(0), ~is_image.unsqueeze(0))  # (B, V)
+        allowed = torch.where(full.unsqueeze(1), only_break.unsqueeze(0), allowed)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def update(self, nxt: torch.Tensor) -> None:
+        nxt = nxt.view(-1)
+        closing = self.in_image & (nxt == BREAK)
+        self.count = torch.where(self.in_image & (nxt >= self.lo) & (nxt < self.hi), self.count + 1, self.count)
+        self.in_image = self.in_image & ~closing
+        self.count = torch.where(closing, torch.zeros_like(self.count), self.count)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One id per row; a list of generators seeds each row by itself (same seed, same sample)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])
+
+
+class _Stream:
+    """One guidance stream: its context and, where the model has one and the run fits, a KV cache."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, total: int, use_cache: bool) -> None:
+        self.model, self.ids = model, ids  # (B, T)
+        self.cache = None
+        if use_cache and isinstance(model, CM3Decoder) and total <= model.config.seq_len:
+            p = next(model.parameters())
+            self.cache = KVCache(model.config, ids.size(0), total, device=p.device, dtype=p.dtype)
+
+    def logits(self) -> torch.Tensor:
+        if self.cache is None:
+            # Without a cache the whole context is recomputed per token; crop it to the learned positions.
+            logits, _ = self.model(self.ids[:, -self.model.config.seq_len :])  # (B, T, V)
+        else:
+            logits, _ = self.model(self.ids[:, self.cache.pos :], cache=self.cache)  # (B, T_new, V)
+        return logits[:, -1, :].float()  # (B, V)
+
+    def push(self, nxt: torch.Tensor) -> None:
+        self.ids = torch.cat([self.ids, nxt], dim=1)
 
 
 @torch.no_grad()
@@ -81,7 +159,11 @@ def generate(
     uncond_prompt_ids: Any = None,
     allowed_range: tuple[int, int] | None = None,
     stop_token: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    cd_k: int | None = None,
+    cd_alpha: float = 0.1,
+    rule: ImageSpanRule | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
     """Sample a continuation of the prompt.
 
@@ -92,10 +174,15 @@ def generate(
         temperature: divides the logits; 0 picks the most probable id (greedy).
         top_p: nucleus sampling mass; 1 keeps every id.
         cfg_scale: classifier-free guidance scale; 1 samples the conditional stream alone.
-        uncond_prompt_ids: (T',) or (B, T') ids of the unconditional stream; required when cfg_scale != 1.
+        uncond_prompt_ids: (T',) or (B, T') ids of the unconditional stream; required when cfg_scale
+            != 1 or cd_k is set.
         allowed_range: [start, stop) ids that may be sampled (e.g. the image codes); None allows all.
         stop_token: a row that samples it is finished (the token is kept, later ones are PAD).
-        generator: seeds the sampling.
+        generator: seeds the sampling; a list of B generators seeds each row by itself.
+        cd_k: CD-K contrastive decoding (`cd_k_scores`) with this k; None samples the (guided) logits.
+        cd_alpha: CD-K's alpha.
+        rule: an `ImageSpanRule` applied before each draw and updated after it.
+        use_cache: keep a KV cache per stream (a `CM3Decoder` whose positions hold the whole run).
 
     Returns:
         (max_new_tokens,) or (B, max_new_tokens) new ids (fewer columns when every row stopped early).
@@ -103,36 +190,45 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    cond = _as_batch(prompt_ids, device)  # (B, T)
-    guided = cfg_scale != 1.0
+    cond_ids = _as_batch(prompt_ids, device)  # (B, T)
+    guided = cfg_scale != 1.0 or cd_k is not None
+    if guided and uncond_prompt_ids is None:
+        raise ValueError("cfg_scale != 1 or cd_k needs uncond_prompt_ids")
+    cond = _Stream(model, cond_ids, cond_ids.size(1) + max_new_tokens, use_cache)
     if guided:
-        if uncond_prompt_ids is None:
-            raise ValueError("cfg_scale != 1 needs uncond_prompt_ids")
-        uncond = _as_batch(uncond_prompt_ids, device).expand(cond.size(0), -1)  # (B, T')
-    done = torch.zeros(cond.size(0), dtype=torch.bool, device=device)  # (B,)
+        u_ids = _as_batch(uncond_prompt_ids, device).expand(cond_ids.size(0), -1)  # (B, T')
+        uncond = _Stream(model, u_ids, u_ids.size(1) + max_new_tokens, use_cache)
+    done = torch.zeros(cond_ids.size(0), dtype=torch.bool, device=device)  # (B,)
     out = []
     for _ in range(max_new_tokens):
-        logits = _last_logits(model, cond)  # (B, V)
+        logits = cond.logits()  # (B, V)
         if guided:
-            u = _last_logits(model, uncond)  # (B, V)
-            logits = u + cfg_scale * (logits - u)
+            u = uncond.logits()  # (B, V)
+            if cfg_scale != 1.0:
+                logits = u + cfg_scale * (logits - u)
         logits = _filter(logits, allowed_range, stop_token)
+        if rule is not None:
+            logits = rule.mask(logits)
+        if cd_k is not None:
+            logits = cd_k_scores(logits, u, cd_k, cd_alpha)
         if temperature == 0:
             nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
             probs = _top_p(torch.softmax(logits / temperature, dim=-1), top_p)  # (B, V)
-            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            nxt = _draw(probs, generator)  # (B, 1)
         nxt = nxt.masked_fill(done.unsqueeze(1), PAD)
+        if rule is not None:
+            rule.update(nxt)
         out.append(nxt)
-        cond = torch.cat([cond, nxt], dim=1)
+        cond.push(nxt)
         if guided:
-            uncond = torch.cat([uncond, nxt], dim=1)  # both streams continue with the same token
+            uncond.push(nxt)  # both streams continue with the same token
         if stop_token is not None:
             done |= nxt.squeeze(1) == stop_token
             if bool(done.all()):
                 break
     model.train(was_training)
-    new = torch.cat(out, dim=1) if out else cond.new_zeros(cond.size(0), 0)  # (B, n)
+    new = torch.cat(out, dim=1) if out else cond_ids.new_zeros(cond_ids.size(0), 0)  # (B, n)
     return new[0] if torch.as_tensor(prompt_ids).dim() == 1 else new
 
 
@@ -235,7 +331,9 @@ def generate_caption(
 
 
 __all__ = [
+    "ImageSpanRule",
     "Prompt",
+    "cd_k_scores",
     "generate",
     "generate_caption",
     "generate_image",

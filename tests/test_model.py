@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.cm3 import INIT_STD, CM3Config, CM3Decoder
+from model.cm3 import INIT_STD, CM3Config, CM3Decoder, KVCache
 from model.sample import (
+    ImageSpanRule,
     _top_p,
+    cd_k_scores,
     generate,
     generate_caption,
     generate_image,
@@ -202,3 +204,89 @@ def test_generation_stops_rows_independently_and_crops_the_context():
     out = generate(model, torch.tensor([[5, 6], [7, 6]]), 6, temperature=0.0, stop_token=EOSS)
     assert out[0].tolist() == [EOSS] + [PAD] * 5 and out[1].tolist() == [30] * 6
     assert max(len(s) for s in model.seen) == 6  # never more context than the learned positions
+
+
+def _random_model(seed: int = 0) -> CM3Decoder:
+    model = _model(seed)
+    nn.init.normal_(model.lm_head.weight, std=1.0)  # the zero output layer would make every logit equal
+    for block in model.blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=0.3)
+    return model.eval()
+
+
+def test_cached_and_uncached_logits_are_equal_with_a_batch():
+    model = _random_model()
+    idx = torch.randint(0, VOCAB.size, (3, 20))
+    full, _ = model(idx)  # (B, T, V)
+    cache = KVCache(model.config, 3, 20)
+    prefill, _ = model(idx[:, :7], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(7, 20)]
+    cached = torch.cat([prefill, *steps], dim=1)
+    assert cache.pos == 20
+    # float32 rounding only: logits reach ~30 here, the largest difference is ~3e-5 (1e-6 relative).
+    assert torch.allclose(cached, full, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(full[:, 1:], full[:, :-1], atol=1e-3)  # the logits vary with position
+    with pytest.raises(ValueError, match="full"):
+        model(idx[:, :1], cache=cache)
+
+
+def test_generate_with_cache_matches_without():
+    model = _random_model(1)
+    prompt = torch.randint(0, VOCAB.size, (2, 5))
+    uncond = torch.randint(0, VOCAB.size, (1, 3))
+    kw = dict(temperature=0.0, cfg_scale=2.0, uncond_prompt_ids=uncond)
+    assert torch.equal(generate(model, prompt, 12, **kw), generate(model, prompt, 12, use_cache=False, **kw))
+
+
+def test_cd_k_picks_what_the_formula_says():
+    # p_cond: a .5, b .3, c .15, d .05; p_uncond: a .7, b .1, c .05, d .15. k=2, alpha=.4: the
+    # threshold is .4 * .3 = .12, so a, b, c pass and d does not. Scores log(pc/pu): a -.34, b 1.10,
+    # c 1.10 (c ties b); d would score -1.10 but is excluded anyway. With alpha .6 (threshold .18) c drops.
+    pc = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    pu = torch.log(torch.tensor([[0.7, 0.1, 0.05, 0.15]]))
+    s = cd_k_scores(pc, pu, k=2, alpha=0.4)
+    assert torch.isinf(s[0, 3]) and torch.allclose(s[0, :3], torch.log(torch.tensor([0.5 / 0.7, 3.0, 3.0])))
+    s = cd_k_scores(pc, pu, k=2, alpha=0.6)
+    assert torch.isinf(s[0, 2:]).all() and int(s.argmax()) == 1
+    # k=1, alpha=1: only the conditional argmax survives.
+    assert torch.isfinite(cd_k_scores(pc, pu, 1, 1.0)).sum() == 1
+    # Through generate on a scripted model: CD-K picks b where plain (and CFG-free) greedy picks a.
+    a, b, c, d = 50, 51, 52, 53
+    cond_p, uncond_p = {a: 0.5, b: 0.3, c: 0.15, d: 0.05}, {a: 0.7, b: 0.1, c: 0.15, d: 0.05}
+
+    def fn(ctx):
+        return _fixed(cond_p if 20 in ctx else uncond_p)(ctx)
+
+    cond, unc = [EOD, 20, BREAK], [EOD, VOCAB.sentinel(0), BREAK]
+    assert generate(ScriptedModel(fn), cond, 1, temperature=0.0).tolist() == [a]
+    got = generate(ScriptedModel(fn), cond, 1, temperature=0.0, uncond_prompt_ids=unc, cd_k=2, cd_alpha=0.4)
+    assert got.tolist() == [b]
+
+
+def test_image_span_has_exactly_tokens_per_image_then_break():
+    model = _random_model(2)
+    rule = ImageSpanRule(VOCAB, 4, in_image=True)
+    g = [torch.Generator().manual_seed(s) for s in range(4)]
+    out = generate(model, torch.full((4, 3), EOD), VOCAB.tokens_per_image + 4, rule=rule, generator=g)
+    is_img = (out >= VOCAB.image_start) & (out < VOCAB.size)
+    assert (is_img.sum(dim=1) == VOCAB.tokens_per_image).all()
+    assert is_img[:, : VOCAB.tokens_per_image].all() and (out[:, VOCAB.tokens_per_image] == BREAK).all()
+    # Without the rule the same model draws non-image ids inside the span.
+    free = generate(model, torch.full((4, 3), EOD), VOCAB.tokens_per_image, generator=g)
+    assert not ((free >= VOCAB.image_start) & (free < VOCAB.size)).all()
+
+
+def test_the_same_seed_gives_the_same_image_whatever_the_batch():
+    model = _random_model(3)
+    caption = [VOCAB.text_start + 1, VOCAB.text_start + 2]
+    a, _ = generate_image(model, VOCAB, caption, generator=torch.Generator().manual_seed(7))
+    b, _ = generate_image(model, VOCAB, caption, generator=torch.Generator().manual_seed(7))
+    c, _ = generate_image(model, VOCAB, caption, generator=torch.Generator().manual_seed(8))
+    assert (a == b).all() and not (a == c).all()
+    # Per-row generators: row 1 seeded 7 equals the single run seeded 7.
+    p = text_to_image_prompt(VOCAB, caption)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 7)]
+    rows = generate(
+        model, torch.tensor([p.ids] * 2), p.max_new_tokens, 1.0, 0.9, 3.0, p.uncond_ids, p.allowed_range, generator=gens
+    )
+    assert (rows[1].numpy() - VOCAB.image_start == a).all()
