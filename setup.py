@@ -20,21 +20,30 @@ setup(
         "apache-beam>=2.60",
         "pyarrow>=14",
         "numpy>=1.24",
-        "pillow>=10",
-        "webdataset>=0.2.86",
+        # 12.2 fixed a FITS decompression bomb.
+        "pillow>=12.2",
+        # model/data.py passes workersplitter= and empty_check= (first on PyPI from 0.2.96).
+        "webdataset>=0.2.96",
+        "braceexpand>=0.1.7",  # `{000..009}` input patterns (transforms/read.py, model/data.py)
         "fsspec>=2023.1",
-        "open_clip_torch>=2.24",
-        # torch 2.14.1 / torchvision 0.29.1 are the newest releases this project is tested with.
-        "torch>=2.1,<=2.14.1",
-        "torchvision<=0.29.1",
+        # 3.1: text_global_pool(eos_token_id=), which the lean text pass calls.
+        "open_clip_torch>=3.1",
+        "huggingface_hub>=0.20",  # resolving hf-hub: CLIP weights from the local cache (transforms/embed.py)
+        # No upper cap here: through --setup_file a cap would downgrade a Dataflow worker's CUDA torch.
+        # CI pins the tested torch/torchvision in .ci/constraints.txt.
+        "torch>=2.1",
+        "torchvision",
         "faiss-cpu>=1.8",
         # HF tokenizers: a fast, well-tested BPE trainer and the `tokenizer.json` format users already have.
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "duckdb>=0.10", "pandas>=2", "transformers>=4.44", "safetensors>=0.4"],
+        "test": ["pytest>=7", "ruff>=0.17,<0.18", "duckdb>=0.10", "pandas>=2", "transformers>=4.44", "safetensors>=0.4"],
         # `--image_tokenizer vqgan:DIR` with .safetensors weights, and training the shards with HF's Chameleon
         # (the tests compare our VQ-GAN's codes with transformers' ChameleonVQVAE).
+        # fsspec back ends for gs:// and s3:// inputs and outputs.
+        "gcs": ["gcsfs>=2023.1"],
+        "s3": ["s3fs>=2023.1"],
         "chameleon": ["transformers>=4.44", "safetensors>=0.4", "pyyaml>=5"],
     },
     entry_points={"console_scripts": ["cm3corpus=pipelines.cli:main"]},
