@@ -15,6 +15,7 @@ with `weights_only=True`: nothing in them is unpickled as code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import itertools
 import json
@@ -22,6 +23,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -337,10 +339,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def scaled_warmup(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """A run whose warmup does not end before max_steps never reaches its peak learning rate: warm up
+    over a tenth of the run instead. Returns the config to train with and the warning (or None)."""
+    if cfg.warmup_steps < cfg.max_steps:
+        return cfg, None
+    warmup = max(1, cfg.max_steps // 10)
+    note = (
+        f"[train] --warmup_steps {cfg.warmup_steps} is not below --max_steps {cfg.max_steps}: "
+        f"the run would never leave warmup; warming up over {warmup} steps instead"
+    )
+    return dataclasses.replace(cfg, warmup_steps=warmup), note
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`cm3corpus train --shards PATTERN --output DIR [...]`; every TrainConfig field is a flag."""
-    args = _parser().parse_args(argv)
-    summary = train(TrainConfig(**vars(args)))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "batch_size"):
+        if getattr(args, name, 1) <= 0:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    cfg, note = scaled_warmup(TrainConfig(**vars(args)))
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    summary = train(cfg)
     final = summary["losses"][-1] if summary["losses"] else float("nan")
     print(f"[train] done: step {summary['step']}, loss {final:.4f}, eval {summary['eval_loss']}", flush=True)
     return 0

@@ -289,3 +289,27 @@ def test_cli_trains_and_writes_metrics(tmp_path, corpus, capsys):
     assert len(lines) == 3 and "eval_loss" in lines[-1]
     assert 0 < lines[-1]["eval_query_loss"] != lines[-1]["eval_loss"]
     assert load_checkpoint(str(out / CKPT))["train_config"]["pack"] is False
+
+
+def test_warmup_longer_than_the_run_is_scaled_with_a_warning():
+    from model.train import TrainConfig, lr_at, scaled_warmup
+
+    cfg = TrainConfig(shards="x", output="y", max_steps=60, warmup_steps=100)
+    # Unscaled, a 60-step run never reaches the peak learning rate.
+    assert max(lr_at(s, cfg) for s in range(60)) < cfg.lr
+    fixed, note = scaled_warmup(cfg)
+    assert fixed.warmup_steps == 6 and "--warmup_steps 100" in note
+    assert max(lr_at(s, fixed) for s in range(60)) == pytest.approx(cfg.lr)
+    same, none = scaled_warmup(TrainConfig(shards="x", output="y", max_steps=1000, warmup_steps=100))
+    assert same.warmup_steps == 100 and none is None
+
+
+@pytest.mark.parametrize("flag", ["--max_steps", "--batch_size"])
+def test_train_refuses_non_positive_sizes_in_one_line(flag, capsys):
+    from model.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--shards", "x", "--output", "y", flag, "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in err and "Traceback" not in err
