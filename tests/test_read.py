@@ -188,3 +188,33 @@ def test_folder_entries_are_not_samples(tmp_path):
         add_member(tf, "shard/a.txt", b"a caption")
     items = read_all(path)
     assert [(i.key, type(i).__name__) for i in items] == [("shard_a", "RawSample")]
+
+
+def _set_size_field(header: bytearray, size: int) -> None:
+    """Write `size` into a tar header as base-256 (how a negative size is spelled) and fix the checksum."""
+    field = size % 256**11  # two's complement over 11 bytes, after the 0xff marker
+    header[124:136] = b"\xff" + field.to_bytes(11, "big")
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+
+
+def test_header_that_moves_backwards_ends_the_shard(tmp_path):
+    # A negative member size sends tarfile back to an earlier header; read naively, the same samples
+    # come round for ever (phantom samples, growing memory). The shard must end as shard_unreadable.
+    samples = [(f"s{i}", {"txt": b"caption %d" % i}) for i in range(3)]
+    write_tar(tmp_path / "full.tar", samples)
+    data = bytearray((tmp_path / "full.tar").read_bytes())
+    with tarfile.open(tmp_path / "full.tar") as tf:
+        second = tf.getmembers()[1].offset  # header of s1.txt
+    header = bytearray(data[second : second + 512])
+    _set_size_field(header, -1024)
+    data[second : second + 512] = header
+    (tmp_path / "loop.tar").write_bytes(bytes(data))
+    with tarfile.open(tmp_path / "loop.tar") as tf:  # the crafted header parses, with its negative size
+        tf.next()
+        assert tf.next().size == -1024
+    items = read_all(tmp_path / "loop.tar")
+    assert len(items) <= 3
+    assert [i for i in items if isinstance(i, RawSample)] == []
+    (bad,) = items  # s0 was being read when the bad header came: it cannot be known whole
+    assert (bad.key, bad.reason) == ("s0", "shard_unreadable") and "forward" in bad.detail

@@ -165,7 +165,18 @@ def read_tar(url: str, budgets: Budgets) -> Iterator[RawSample | Reject]:
 
 
 def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's members, refusing any header that does not move the read position forward.
+
+    A negative size (base-256 encoded) sends tarfile back to an earlier header, which it would re-read
+    forever: phantom samples and growing memory. Such a shard ends as `shard_unreadable`.
+    """
+    last = -1
     while (member := tf.next()) is not None:
+        if member.size < 0 or member.offset <= last:
+            raise tarfile.ReadError(
+                f"header at offset {member.offset} does not move the read position forward (size {member.size})"
+            )
+        last = member.offset
         yield member
 
 
