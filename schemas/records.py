@@ -28,6 +28,7 @@ REJECT_REASONS = (
     "unsafe_member",  # symlink, hard link, device, absolute or `..` member name, key with odd characters
     "shard_unreadable",  # a shard that is not a tar or is cut short; whole samples before the damage are kept
     "missing_file",  # a manifest row whose image path does not exist
+    "not_regular_file",  # a folder or manifest path that is a symlink, FIFO, device or folder: never read
     "bad_manifest_row",  # a manifest row without the configured columns, or unparsable
     "stage_error",  # an unexpected exception while processing this example in a later stage
 )

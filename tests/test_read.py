@@ -218,3 +218,46 @@ def test_header_that_moves_backwards_ends_the_shard(tmp_path):
     assert [i for i in items if isinstance(i, RawSample)] == []
     (bad,) = items  # s0 was being read when the bad header came: it cannot be known whole
     assert (bad.key, bad.reason) == ("s0", "shard_unreadable") and "forward" in bad.detail
+
+
+def test_folder_links_fifos_and_devices_are_refused_and_never_read(tmp_path):
+    import os
+
+    from transforms.read import read_unit
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("API_KEY=hunter2")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "plain.png").write_bytes(encode(rgb(), "PNG"))
+    (d / "plain.txt").write_text("a caption")
+    (d / "leak.png").write_bytes(encode(rgb(), "PNG"))
+    (d / "leak.txt").symlink_to(secret)  # sidecar that is a link to a secret
+    (d / "env.txt").symlink_to("/proc/self/environ")
+    (d / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(d / "pipe.txt")  # would block a plain read for ever
+
+    class Cfg:
+        caption_ext, image_column, caption_column, key_column = "txt", "image_path", "caption", "key"
+        max_image_pixels, max_image_bytes, min_image_side, max_caption_chars = 10**7, 2**20, 8, 8192
+
+    got = {}
+    for unit in expand_inputs((str(d),)):
+        (raw,) = read_unit(unit, Cfg)
+        item = fetch_parts(raw, BUDGETS)
+        got[item.key] = item
+    assert isinstance(got["plain"], RawSample)
+    for key, why in [("leak", "symbolic link"), ("env", "symbolic link"), ("zero", "symbolic link"), ("pipe", "FIFO")]:
+        assert (got[key].reason, why in got[key].detail) == ("not_regular_file", True), key
+    assert all("hunter2" not in repr(item) for item in got.values())
+
+
+def test_manifest_path_to_a_device_is_refused_and_reads_are_capped(tmp_path):
+    # A device reports size 0; it is refused, and a regular file that grows past the budget is read
+    # only to the budget plus one byte.
+    dev = fetch_parts(RawSample("k", "m.jsonl", ("m", 0), paths={"image": "/dev/zero"}), BUDGETS)
+    assert (dev.reason, "device" in dev.detail) == ("not_regular_file", True)
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (2**20 + 5000))
+    over = fetch_parts(RawSample("b", "m.jsonl", ("m", 0), paths={"image": str(big)}), BUDGETS)
+    assert over.reason == "image_too_large"

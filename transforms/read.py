@@ -18,8 +18,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 
@@ -289,25 +291,68 @@ def _folder_sample(stem_url: str, caption_ext: str) -> RawSample:
 
 
 def fetch_parts(sample: RawSample, budgets: Budgets) -> RawSample | Reject:
-    """Read the files a manifest row or folder sample names, checking sizes before reading."""
+    """Read the files a manifest row or folder sample names, each read capped at its budget plus one byte.
+
+    Local paths must be regular files: a symlink (to a secret, to `/proc/self/environ`), a FIFO or a
+    device is refused as `not_regular_file`, checked on the opened descriptor so nothing can be
+    swapped in between. Whatever size a file reports (`/dev/zero` and `/proc` files say 0), no more
+    than the budget plus one byte is ever read.
+    """
     import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
     for name, url in sorted(sample.paths.items()):
+        limit = budgets.max_image_bytes if name == "image" else 4 * budgets.max_caption_chars + 2**20
+        reason = "image_too_large" if name == "image" else "caption_too_long"
         try:
             fs, path = fsspec.core.url_to_fs(url)
-            size = fs.size(path)
-            limit = budgets.max_image_bytes if name == "image" else 4 * budgets.max_caption_chars + 2**20
-            if size is not None and size > limit:
-                reason = "image_too_large" if name == "image" else "caption_too_long"
-                return Reject(sample.key, sample.source, reason, f"{url} is {size} bytes")
-            with fs.open(path, "rb") as f:
-                sample.parts[name] = f.read()
+            if isinstance(fs, LocalFileSystem):
+                data = _read_local_regular(path, limit)
+                if isinstance(data, str):
+                    return Reject(sample.key, sample.source, "not_regular_file", f"{url}: {data}")
+            else:
+                size = fs.size(path)
+                if size is not None and size > limit:
+                    return Reject(sample.key, sample.source, reason, f"{url} is {size} bytes")
+                with fs.open(path, "rb") as f:
+                    data = f.read(limit + 1)
+            if len(data) > limit:
+                return Reject(sample.key, sample.source, reason, f"{url} is over {limit} bytes")
+            sample.parts[name] = data
         except FileNotFoundError:
             return Reject(sample.key, sample.source, "missing_file", url)
         except OSError as e:
             return Reject(sample.key, sample.source, "missing_file", f"{url}: {describe_error(e)}")
     sample.paths = {}
     return sample
+
+
+def _read_local_regular(path: str, limit: int) -> bytes | str:
+    """At most limit + 1 bytes of a local regular file, or why it is not one (links are not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        if os.path.islink(path):
+            return "a symbolic link"
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = (
+                "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a file"
+            )
+            return kind
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
