@@ -297,6 +297,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if argv is not None and ({"-h", "--help"} & set(argv)):
         print_help()
         raise SystemExit(0)
+    check_known_flags(list(argv) if argv is not None else sys.argv[1:])
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
     units = expand_inputs(cfg.input, cfg.input_format)
@@ -318,6 +319,37 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if not stats["accounted"]:
         raise RuntimeError(f"accounting failed: read {stats['examples_read']} != written + rejected; see stats.json")
     return stats
+
+
+def _all_option_classes(cls=PipelineOptions):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_option_classes(sub)
+
+
+def check_known_flags(argv: Sequence[str]) -> None:
+    """Refuse a flag that neither the build nor any Beam options class knows, in one line.
+
+    Beam alone only logs "Discarding unparseable args" and runs with the default, so a typo such as
+    `--image_codebok_size 16` would build a corpus the user did not ask for.
+    """
+    import argparse
+    import difflib
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise SystemExit(f"cm3corpus build: {message}")
+
+    parser = _Parser(add_help=False, allow_abbrev=False, conflict_handler="resolve")
+    for cls in {CorpusOptions, *_all_option_classes()}:
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
+    if flags:
+        known = [o for a in parser._actions for o in a.option_strings]
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SystemExit(f"cm3corpus build: unknown flag {flags[0]}{hint}; see cm3corpus build --help")
 
 
 def print_help() -> None:

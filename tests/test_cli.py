@@ -84,3 +84,20 @@ def test_key_prefix_must_be_key_safe():
     with pytest.raises(SystemExit, match="may only hold"):
         BuildConfig.from_options(PipelineOptions([*base, "--key_prefix", "../x"]))
     assert BuildConfig.from_options(PipelineOptions([*base, "--key_prefix", "laion-b_"])).key_prefix == "laion-b_"
+
+
+def test_a_misspelt_flag_is_a_one_line_error_not_a_default():
+    from pipelines.build_corpus import check_known_flags
+
+    with pytest.raises(SystemExit) as exc:
+        check_known_flags(["--input", "x", "--output", "y", "--image_codebok_size", "16"])
+    msg = str(exc.value)
+    assert "--image_codebok_size" in msg and "--image_codebook_size" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="--image_size"):
+        check_known_flags(["--input", "x", "--output", "y", "--image_size", "big"])
+    # The build's own flags and Beam's (runner, direct runner, portable runner) still pass.
+    check_known_flags(
+        ["--input", "x", "--output", "y", "--image_codebook_size=16", "--runner", "DirectRunner"]
+        + ["--direct_running_mode=multi_processing", "--direct_num_workers", "2"]
+        + ["--job_endpoint", "embed", "--environment_type", "LOOPBACK", "--experiments", "a,b"]
+    )
