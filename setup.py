@@ -38,7 +38,14 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.17,<0.18", "duckdb>=0.10", "pandas>=2", "transformers>=4.44", "safetensors>=0.4"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.17,<0.18",
+            "duckdb>=0.10",
+            "pandas>=2",
+            "transformers>=4.44",
+            "safetensors>=0.4",
+        ],
         # `--image_tokenizer vqgan:DIR` with .safetensors weights, and training the shards with HF's Chameleon
         # (the tests compare our VQ-GAN's codes with transformers' ChameleonVQVAE).
         # fsspec back ends for gs:// and s3:// inputs and outputs.
