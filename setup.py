@@ -46,11 +46,11 @@ setup(
             "transformers>=4.44",
             "safetensors>=0.4",
         ],
-        # `--image_tokenizer vqgan:DIR` with .safetensors weights, and training the shards with HF's Chameleon
-        # (the tests compare our VQ-GAN's codes with transformers' ChameleonVQVAE).
         # fsspec back ends for gs:// and s3:// inputs and outputs.
         "gcs": ["gcsfs>=2023.1"],
         "s3": ["s3fs>=2023.1"],
+        # `--image_tokenizer vqgan:DIR` with .safetensors weights, and training the shards with HF's Chameleon
+        # (the tests compare our VQ-GAN's codes with transformers' ChameleonVQVAE).
         "chameleon": ["transformers>=4.44", "safetensors>=0.4", "pyyaml>=5"],
     },
     entry_points={"console_scripts": ["cm3corpus=pipelines.cli:main"]},

@@ -83,9 +83,10 @@ def cd_k_scores(logits_cond: torch.Tensor, logits_uncond: torch.Tensor, k: int, 
     logp_u = torch.log_softmax(logits_uncond.float(), dim=-1)  # (B, V)
     k = max(1, min(int(k), logp_c.size(-1)))
     kth = logp_c.topk(k, dim=-1).values[:, -1:]  # (B, 1)
-    keep = logp_c >= kth + math.log(alpha) if alpha > 0 else torch.isfinite(logp_c)  # (B, V)
-    score = (logp_c - logp_u).masked_fill(~keep, float("-inf"))
-    return torch.where(torch.isfinite(logp_c) & keep, score, torch.full_like(score, float("-inf")))
+    keep = torch.isfinite(logp_c)  # (B, V): masked tokens never pass
+    if alpha > 0:
+        keep &= logp_c >= kth + math.log(alpha)
+    return (logp_c - logp_u).masked_fill(~keep, float("-inf"))
 
 
 class ImageSpanRule:

@@ -357,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size"):
-        if getattr(args, name, 1) <= 0:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+        if (value := getattr(args, name)) <= 0:
+            parser.error(f"--{name} must be a positive integer, got {value}")
     cfg, note = scaled_warmup(TrainConfig(**vars(args)))
     if note:
         print(note, file=sys.stderr, flush=True)

@@ -341,7 +341,7 @@ def check_known_flags(argv: Sequence[str]) -> None:
             raise SystemExit(f"cm3corpus build: {message}")
 
     parser = _Parser(add_help=False, allow_abbrev=False, conflict_handler="resolve")
-    for cls in {CorpusOptions, *_all_option_classes()}:
+    for cls in dict.fromkeys(_all_option_classes()):  # CorpusOptions among them; a fixed order
         cls._add_argparse_args(parser)
     _, unknown = parser.parse_known_args(argv)
     flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]

@@ -151,9 +151,8 @@ def read_tar(url: str, budgets: Budgets) -> Iterator[RawSample | Reject]:
                     problem = problem or ("unsafe_member", f"{member.name!r}: {unsafe}")
                     continue
                 ext = match.group(2).lower()
-                limit = budgets.max_image_bytes if ext in IMAGE_PARTS else 4 * budgets.max_caption_chars + 2**20
+                limit, reason = _part_budget(budgets, ext in IMAGE_PARTS)
                 if member.size > limit:  # decided from the header: the data is never read
-                    reason = "image_too_large" if ext in IMAGE_PARTS else "caption_too_long"
                     problem = problem or (reason, f"member {member.name!r} is {member.size} bytes")
                     continue
                 current.parts[ext] = tf.extractfile(member).read()
@@ -290,6 +289,13 @@ def _folder_sample(stem_url: str, caption_ext: str) -> RawSample:
     return sample
 
 
+def _part_budget(budgets: Budgets, is_image: bool) -> tuple[int, str]:
+    """Bytes one part may hold, and the reason it is rejected with when over."""
+    if is_image:
+        return budgets.max_image_bytes, "image_too_large"
+    return 4 * budgets.max_caption_chars + 2**20, "caption_too_long"
+
+
 def fetch_parts(sample: RawSample, budgets: Budgets) -> RawSample | Reject:
     """Read the files a manifest row or folder sample names, each read capped at its budget plus one byte.
 
@@ -302,8 +308,7 @@ def fetch_parts(sample: RawSample, budgets: Budgets) -> RawSample | Reject:
     from fsspec.implementations.local import LocalFileSystem
 
     for name, url in sorted(sample.paths.items()):
-        limit = budgets.max_image_bytes if name == "image" else 4 * budgets.max_caption_chars + 2**20
-        reason = "image_too_large" if name == "image" else "caption_too_long"
+        limit, reason = _part_budget(budgets, name == "image")
         try:
             fs, path = fsspec.core.url_to_fs(url)
             if isinstance(fs, LocalFileSystem):
@@ -337,15 +342,12 @@ def _read_local_regular(path: str, limit: int) -> bytes | str:
         raise
     try:
         mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode):
+            return "a FIFO"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            return "a device"
         if not stat.S_ISREG(mode):
-            kind = (
-                "a FIFO"
-                if stat.S_ISFIFO(mode)
-                else "a device"
-                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "not a file"
-            )
-            return kind
+            return "not a file"
         chunks, left = [], limit + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)
