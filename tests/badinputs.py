@@ -44,7 +44,7 @@ def animated_gif() -> bytes:
 def cases() -> list[tuple[str, dict[str, bytes], str]]:
     """(key, members by extension, expected outcome): a modality for kept samples, else the reject reason."""
     jpg = encode(rgb(), "JPEG")
-    sixteen = Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60), "I;16")
+    sixteen = Image.fromarray(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)  # uint16 is mode I;16
     palette = Image.new("P", (32, 32), 3)
     palette.info["transparency"] = 3
     return [
