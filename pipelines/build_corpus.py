@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -156,10 +156,11 @@ class OneRejectPerExample(beam.PTransform):
         return (other, folded) | "Merge" >> beam.Flatten()
 
 
-def _fold_rejects(keyed: tuple[tuple[str, str], Sequence[Reject]]) -> Reject:
+def _fold_rejects(keyed: tuple[tuple[str, str], Iterable[Reject]]) -> Reject:
     from apache_beam.metrics import Metrics
 
     (key, source), rejects = keyed
+    rejects = list(rejects)
     details = sorted({r.detail for r in rejects})
     if len(rejects) > 1:  # each was counted where it was made
         Metrics.counter("rejected", "stage_error").dec(len(rejects) - 1)

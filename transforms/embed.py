@@ -45,7 +45,7 @@ from transforms.clip_lean import (
     text_tower,
 )
 from transforms.rng import query_dropout, stable_hash
-from transforms.validate import describe_error
+from transforms.validate import describe_error, strip_addresses
 
 NAMESPACE = "embed"
 FAILED = "failed"  # tag of the reject output of EmbedExamples
@@ -508,11 +508,27 @@ class _SplitResults(beam.DoFn):
                 yield inference
 
 
-def _batch_rejects(failed: tuple[Sequence[Sequence[Example]], Exception]) -> list[Reject]:
+def _batch_rejects(failed) -> list[Reject]:
+    """A RunInference dead letter → one Reject per example of the failed batch.
+
+    Beam 2.78's dead letter is `(batch, (exception class, repr, traceback lines))`; earlier releases
+    gave the exception itself. Untyped on purpose: a hint for one form fails pipeline construction on the other.
+    """
     groups, error = failed
     batch = [e for group in groups for e in group]
     Metrics.counter("rejected", "stage_error").inc(len(batch))
-    return [Reject(e.key, e.source, "stage_error", f"embed batch failed: {describe_error(error)}") for e in batch]
+    detail = f"embed batch failed: {_describe_dead_letter(error)}"
+    return [Reject(e.key, e.source, "stage_error", detail) for e in batch]
+
+
+def _describe_dead_letter(error) -> str:
+    """`describe_error`'s `Type: message` for an exception or Beam's (class, repr, traceback lines)."""
+    if isinstance(error, BaseException):
+        return describe_error(error)
+    cls, rep, lines = error
+    last = lines[-1].strip() if lines else rep  # traceback.format_exception's last entry: "pkg.Type: message"
+    message = last.split(": ", 1)[1] if ": " in last else ""
+    return strip_addresses(f"{cls.__name__}: {message}")
 
 
 def _bucket(example: Example, batch_size: int, count: int) -> tuple[int, Example]:

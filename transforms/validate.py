@@ -48,7 +48,12 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 def describe_error(e: BaseException) -> str:
     """`Type: message` without object addresses, so reject details repeat byte for byte across runs."""
-    return _ADDRESS.sub("", f"{type(e).__name__}: {e}")
+    return strip_addresses(f"{type(e).__name__}: {e}")
+
+
+def strip_addresses(text: str) -> str:
+    """`text` without ` at 0x...` object addresses (they differ from run to run)."""
+    return _ADDRESS.sub("", text)
 
 
 class _Rejected(Exception):
