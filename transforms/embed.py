@@ -417,7 +417,8 @@ class ClipEmbedder:
 def embedded_example(example: Example, image_emb, text_emb, query_text_emb) -> EmbeddedExample:
     """Assemble the record; doc_emb = normalize(mean(image_emb, text_emb)), or the one part there is."""
     parts = [v for v in (image_emb, text_emb) if v is not None]
-    doc = _unit(np.mean(parts, axis=0)) if parts else None
+    # One part is already unit: renormalising it would move its last bits (and the bank's) with the BLAS.
+    doc = _unit(np.mean(parts, axis=0)) if len(parts) == 2 else (parts[0] if parts else None)
     return EmbeddedExample(
         key=example.key,
         caption=example.caption,
