@@ -1,11 +1,12 @@
 """Sampling from a trained CM3 decoder: text → image and image → caption, as CM3Leon prompts them.
 
-- Text to image: the prompt is `<eod> T <break>` and the model continues with `tokens_per_image`
-  image tokens, drawn only from the image-code range. Classifier-free guidance (CM3Leon, section
-  3.1) runs two streams, the conditional prompt and an unconditional one whose caption is replaced
-  by a mask token (`<eod> <sentinel:0> <break>`: what a fully masked caption looks like in CM3
-  training), feeds both the same sampled token, and samples from
-  `logits_uncond + scale * (logits_cond - logits_uncond)`.
+- Text to image: the prompt is `<eod> T <break>` (after any retrieved documents, laid out as the
+  build lays out training sequences) and the model continues with `tokens_per_image` image tokens,
+  drawn only from the image-code range. Classifier-free guidance (CM3Leon, section 3.1) runs two
+  streams, the conditional prompt and an unconditional one whose caption is replaced by a mask
+  token (what a fully masked caption looks like in CM3 training) and which keeps the retrieved
+  documents (RA-CM3: the unconditional stream is the retrieved documents without the caption),
+  feeds both the same sampled token, and samples from `logits_uncond + scale * (logits_cond - logits_uncond)`.
 - Image to caption: CM3's infilling form `<eod> <sentinel:0> <break> I <eod> <sentinel:0>`: the
   caption was masked in place and the model writes the span out after the layout, until `<eoss>`.
 
@@ -36,6 +37,7 @@ class Prompt:
     allowed_range: tuple[int, int] | None  # [start, stop) of the ids that may be sampled
     max_new_tokens: int  # tokens to generate at most
     stop_token: int | None  # ends a row early (always allowed)
+    dropped: tuple[int, ...] = ()  # retrieved documents left out for length (indices into those given)
 
 
 def _filter(logits: torch.Tensor, allowed_range: tuple[int, int] | None, stop_token: int | None) -> torch.Tensor:
@@ -101,12 +103,17 @@ class ImageSpanRule:
         self.lo, self.hi, self.tpi = vocab.image_start, vocab.size, vocab.tokens_per_image
         self.in_image = torch.full((batch_size,), in_image, dtype=torch.bool, device=device)  # (B,)
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._masks: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def _id_masks(self, V: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(is_image, only_break), each (V,): built once, not on every step."""
+        if self._masks is None or self._masks[:2] != (V, device):
+            ids = torch.arange(V, device=device)
+            self._masks = (V, device, (ids >= self.lo) & (ids < self.hi), ids == BREAK)
+        return self._masks[2], self._masks[3]
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        V = logits.size(-1)
-        ids = torch.arange(V, device=logits.device)
-        is_image = (ids >= self.lo) & (ids < self.hi)  # (V,)
-        only_break = ids == BREAK  # (V,)
+        is_image, only_break = self._id_masks(logits.size(-1), logits.device)  # (V,), (V,)
         full = self.in_image & (self.count >= self.tpi)  # (B,)
         allowed = torch.where(self.in_image.unsqueeze(1), is_image.unsqueeze(0), ~is_image.unsqueeze(0))  # (B, V)
         allowed = torch.where(full.unsqueeze(1), only_break.unsqueeze(0), allowed)
@@ -165,6 +172,7 @@ def generate(
     cd_alpha: float = 0.1,
     rule: ImageSpanRule | None = None,
     use_cache: bool = True,
+    on_token: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sample a continuation of the prompt.
 
@@ -184,6 +192,7 @@ def generate(
         cd_alpha: CD-K's alpha.
         rule: an `ImageSpanRule` applied before each draw and updated after it.
         use_cache: keep a KV cache per stream (a `CM3Decoder` whose positions hold the whole run).
+        on_token: called with the number of tokens generated so far after each step (progress).
 
     Returns:
         (max_new_tokens,) or (B, max_new_tokens) new ids (fewer columns when every row stopped early).
@@ -224,6 +233,8 @@ def generate(
         cond.push(nxt)
         if guided:
             uncond.push(nxt)  # both streams continue with the same token
+        if on_token is not None:
+            on_token(len(out))
         if stop_token is not None:
             done |= nxt.squeeze(1) == stop_token
             if bool(done.all()):
@@ -240,28 +251,75 @@ def _check_range(ids: Sequence[int], start: int, stop: int, what: str) -> list[i
     return ids
 
 
-def text_to_image_prompt(vocab: Vocab, caption_ids: Sequence[int]) -> Prompt:
-    """`<eod> T <break>`, then `tokens_per_image` image codes; the guidance stream masks the caption."""
+def _laid_out(vocab: Vocab, neighbours: Sequence[Any], query: Any, seq_len: int | None, reserve: int):
+    """The build's layout of the retrieved documents and the query, its closing `<eod>` dropped."""
+    from transforms.cm3 import Doc, layout
+
+    docs = [Doc(n.text_ids, n.image_ids) for n in neighbours]
+    lay = layout(docs, query, seq_len if seq_len is not None else 2**62, reserve=reserve, vocab=vocab)
+    kept = [n for i, n in enumerate(neighbours) if i not in lay.dropped]
+    return lay.tokens[:-1].tolist(), kept, lay.dropped
+
+
+def text_to_image_prompt(
+    vocab: Vocab, caption_ids: Sequence[int], neighbours: Sequence[Any] = (), seq_len: int | None = None
+) -> Prompt:
+    """`<eod> T1 <break> I1 <break> ... T <break>`, then `tokens_per_image` image codes.
+
+    The retrieved documents come first, laid out as the build lays out a training sequence
+    (`transforms.cm3.layout`). The guidance stream is RA-CM3's unconditional one: the same retrieved
+    documents with the caption masked (`<sentinel:0>` where the caption stood), so guidance pushes
+    towards the caption, not away from the documents. With no documents the two streams are
+    `<eod> T <break>` and `<eod> <sentinel:0> <break>`.
+
+    Args:
+        vocab: the corpus's id space.
+        caption_ids: the caption in global text ids.
+        neighbours: retrieved documents in sequence order (each with `text_ids`, `image_ids`).
+        seq_len: the model's positions; documents are dropped from the first one on to leave room
+            for the image, as the build drops them for length.
+    """
+    from transforms.cm3 import Doc
+
     caption = _check_range(caption_ids, vocab.text_start, vocab.image_start, "caption")
+    tpi = vocab.tokens_per_image
+    ids, kept, dropped = _laid_out(vocab, neighbours, Doc(caption, None), seq_len, tpi)
+    uncond, _, _ = _laid_out(vocab, kept, Doc([vocab.sentinel(0)], None), seq_len, tpi)
     return Prompt(
-        ids=[EOD, *caption, BREAK],
-        uncond_ids=[EOD, vocab.sentinel(0), BREAK],
+        ids=[*ids, BREAK],
+        uncond_ids=[*uncond, BREAK],
         allowed_range=(vocab.image_start, vocab.size),
-        max_new_tokens=vocab.tokens_per_image,
+        max_new_tokens=tpi,
         stop_token=None,
+        dropped=tuple(dropped),
     )
 
 
-def image_to_caption_prompt(vocab: Vocab, image_ids: Sequence[int], max_new_tokens: int = 64) -> Prompt:
-    """CM3 infilling: `<eod> <sentinel:0> <break> I <eod> <sentinel:0>`, then text until `<eoss>`."""
+def image_to_caption_prompt(
+    vocab: Vocab,
+    image_ids: Sequence[int],
+    max_new_tokens: int = 64,
+    neighbours: Sequence[Any] = (),
+    seq_len: int | None = None,
+) -> Prompt:
+    """CM3 infilling: `<eod> docs... <sentinel:0> <break> I <eod> <sentinel:0>`, then text until `<eoss>`.
+
+    The guidance stream (used only when asked for) is the retrieved documents with the image masked.
+    """
+    from transforms.cm3 import Doc
+
     image = _check_range(image_ids, vocab.image_start, vocab.size, "image")
     s0 = vocab.sentinel(0)
+    reserve = max_new_tokens + 2  # the closing <eod> is dropped; <sentinel:0> and the text follow
+    ids, kept, dropped = _laid_out(vocab, neighbours, Doc([s0], image), seq_len, reserve)
+    uncond, _, _ = _laid_out(vocab, kept, Doc([s0], None), seq_len, reserve)
     return Prompt(
-        ids=[EOD, s0, BREAK, *image, EOD, s0],
-        uncond_ids=None,
+        ids=[*ids, EOD, s0],
+        uncond_ids=[*uncond, EOD, s0],
         allowed_range=(vocab.text_start, vocab.image_start),
         max_new_tokens=max_new_tokens,
         stop_token=EOSS,
+        dropped=tuple(dropped),
     )
 
 

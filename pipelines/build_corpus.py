@@ -63,7 +63,9 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
         bank = cfg.memory_bank
     else:
         factory = cfg.index_factory
-        bank = in_bank | "MemoryBank" >> BuildMemoryBank(bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed)
+        bank = in_bank | "MemoryBank" >> BuildMemoryBank(
+            bank_dir, cfg.clip_model, factory, dim=dim, seed=cfg.seed, clip_pretrained=cfg.clip_pretrained
+        )
     retrieved = embedded | "Retrieve" >> Retrieve(bank, RetrievalRules.from_config(cfg))
     retrieved.neighbours | "WriteNeighbours" >> WriteNeighbours(f"{staging}/neighbours")
     retrieved.counts | "WriteCounts" >> WriteRetrievalCounts(f"{staging}/retrieval_counts")

@@ -4,7 +4,7 @@ Layout of a bank directory (any fsspec URL):
 
     index.faiss    the FAISS index; vector `i` is the document with faiss id `i`
     ids.parquet    faiss_id → key, modality (schema `MEMORY_BANK_IDS`), in faiss id order
-    bank.json      CLIP model, dim, metric, index factory, count, nprobe
+    bank.json      CLIP model and weights, dim, metric, index factory, count, nprobe
 
 The index holds `doc_emb` (RA-CM3: the mean of the normalized image and text embeddings, normalized),
 so inner product is cosine similarity. Faiss ids are 0..count-1, assigned from the keys alone
@@ -302,10 +302,16 @@ def _write_ids(path: str, tables) -> None:
             w.write_table(t)
 
 
-def bank_info(index, clip_model: str, factory: str, nprobe: int | None) -> dict:
-    """The contents of bank.json."""
+def bank_info(index, clip_model: str, factory: str, nprobe: int | None, clip_pretrained: str | None = None) -> dict:
+    """The contents of bank.json.
+
+    `clip_pretrained` (the weights: an open_clip tag or a checkpoint path) lets `cm3corpus query` and
+    `generate` embed a query with the very CLIP the bank was built with. Banks written before it was
+    recorded have no such entry; readers then ask for it (`transforms.query.Corpus`).
+    """
     return {
         "clip_model": clip_model,
+        "clip_pretrained": clip_pretrained,
         "dim": int(index.d),
         "metric": METRIC,
         "vector": "doc_emb",
@@ -458,7 +464,7 @@ def _fill_part(group: tuple, trained: _Trained, counts: dict, bank_dir: str) -> 
     return part, len(entries)
 
 
-def _merge(parts: list, trained: _Trained, bank_dir: str, clip_model: str) -> str:
+def _merge(parts: list, trained: _Trained, bank_dir: str, clip_model: str, clip_pretrained: str | None = None) -> str:
     import pyarrow.parquet as pq
 
     order = [p for p, _ in sorted(parts)]
@@ -472,7 +478,8 @@ def _merge(parts: list, trained: _Trained, bank_dir: str, clip_model: str) -> st
                 yield pq.read_table(f, schema=MEMORY_BANK_IDS)
 
     set_nprobe(index, trained.nprobe)
-    write_bank(bank_dir, index, id_tables(), bank_info(index, clip_model, trained.factory, trained.nprobe))
+    info = bank_info(index, clip_model, trained.factory, trained.nprobe, clip_pretrained)
+    write_bank(bank_dir, index, id_tables(), info)
     if fs.exists(f"{root}/{PARTS_DIR}"):
         fs.rm(f"{root}/{PARTS_DIR}", recursive=True)
     return bank_dir
@@ -487,6 +494,7 @@ class BuildMemoryBank(beam.PTransform):
     Args:
         bank_dir: the bank directory to write (fsspec URL), e.g. `OUTPUT/_staging/memory_bank`.
         clip_model: the CLIP model name recorded in bank.json.
+        clip_pretrained: the CLIP weights recorded in bank.json (tag or checkpoint path).
         index_factory: FAISS factory string; `choose_index_factory` from the bank size when None.
         num_parts: parts the bank is filled in; None derives it from the corpus size (PART_DOCS
             documents a part), so no worker ever holds more than one part's vectors. Either way it
@@ -507,9 +515,11 @@ class BuildMemoryBank(beam.PTransform):
         nprobe: int | None = None,
         dim: int | None = None,
         seed: int = 0,
+        clip_pretrained: str | None = None,
     ):
         super().__init__()
         self._dir, self._clip, self._factory = bank_dir, clip_model, index_factory
+        self._clip_pretrained = clip_pretrained
         self._parts, self._train_size, self._nprobe, self._dim, self._seed = num_parts, train_size, nprobe, dim, seed
 
     def expand(self, examples):
@@ -529,7 +539,7 @@ class BuildMemoryBank(beam.PTransform):
             | "GroupParts" >> beam.GroupByKey()
             | "FillParts" >> beam.Map(_fill_part, side.AsSingleton(trained), side.AsDict(counts), self._dir)
             | "PartList" >> beam.combiners.ToList()
-            | "Merge" >> beam.Map(_merge, side.AsSingleton(trained), self._dir, self._clip)
+            | "Merge" >> beam.Map(_merge, side.AsSingleton(trained), self._dir, self._clip, self._clip_pretrained)
         )
 
 

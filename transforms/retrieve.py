@@ -211,7 +211,11 @@ def _select_via(
 
 
 def select_neighbours(
-    query_key: str, candidates: Mapping[str, Candidates], rules: RetrievalRules, query_doc: np.ndarray | None = None
+    query_key: str,
+    candidates: Mapping[str, Candidates],
+    rules: RetrievalRules,
+    query_doc: np.ndarray | None = None,
+    total: int | None = None,
 ) -> tuple[list[Neighbour], list[RetrievalCounts]]:
     """Apply the selection rules (module docstring) to one example's candidates.
 
@@ -221,6 +225,8 @@ def select_neighbours(
             has no query for is absent, and the other via takes its quota.
         rules: thresholds and counts.
         query_doc: the example's own document embedding, for the near-duplicate half of rule 2.
+        total: documents wanted in all, split over the vias (the first via takes the odd one);
+            `2 * num_retrieved`, the build's count, when None. `cm3corpus query` and `generate` set it.
 
     Returns:
         The selected neighbours with `rank` set (interleaved by via, best first), and one counts row
@@ -229,19 +235,20 @@ def select_neighbours(
     vias = [v for v in VIAS if v in candidates]
     if not vias:
         return [], []
-    quota = rules.num_retrieved * len(VIAS) // len(vias)
+    total = rules.num_retrieved * len(VIAS) if total is None else total
+    quotas = [total // len(vias) + (i < total % len(vias)) for i in range(len(vias))]
     chosen_ids: set = set()
     chosen_vecs: list = []
     picks: list[list[Neighbour]] = []
     rows = []
-    for via in vias:
+    for via, quota in zip(vias, quotas, strict=True):
         c = candidates[via]
         positions, counts = _select_via(query_key, via, c, quota, rules, chosen_ids, chosen_vecs, query_doc)
         picks.append(
             [Neighbour(query_key, 0, c.keys[c.ids[i]], c.scores[i], via, c.modalities[c.ids[i]]) for i in positions]
         )
         rows.append(counts)
-    ordered = [n for turn in range(quota) for per_via in picks if turn < len(per_via) for n in [per_via[turn]]]
+    ordered = [n for turn in range(max(quotas)) for per_via in picks if turn < len(per_via) for n in [per_via[turn]]]
     for rank, n in enumerate(ordered):
         n.rank = rank
     return ordered, rows
@@ -293,7 +300,7 @@ def _rescore(
 
 
 def retrieve_batch(
-    bank, examples: Sequence[EmbeddedExample], rules: RetrievalRules
+    bank, examples: Sequence[EmbeddedExample], rules: RetrievalRules, total: int | None = None
 ) -> tuple[list[Neighbour], list[RetrievalCounts]]:
     """Search the bank once for a batch of examples (image and text queries together) and select.
 
@@ -302,6 +309,7 @@ def retrieve_batch(
         examples: the batch; an example's image query is its `image_emb`, its text query its
             `query_text_emb` (the caption after query dropout).
         rules: selection parameters.
+        total: documents per example (`select_neighbours`); the build's `2 * num_retrieved` when None.
 
     Returns:
         All selected neighbours and counts rows of the batch.
@@ -329,7 +337,7 @@ def retrieve_batch(
     neighbours, counts = [], []
     for e, cands in zip(examples, per_example, strict=True):
         query_doc = None if e.doc_emb is None else np.asarray(e.doc_emb, dtype=np.float32)
-        ns, cs = select_neighbours(e.key, cands, rules, query_doc)
+        ns, cs = select_neighbours(e.key, cands, rules, query_doc, total)
         neighbours.extend(ns)
         counts.extend(cs)
     return neighbours, counts

@@ -1,0 +1,401 @@
+"""Ask a built corpus's memory bank a question: `cm3corpus query` and the `Corpus` it runs on.
+
+A query (a text, an image, or both) is embedded with the CLIP that `memory_bank/bank.json` names,
+exactly as the build embeds a document (unit-norm image and text embeddings, `doc_emb` their
+normalized mean), and the bank is searched:
+
+- plain (`Corpus.search`): the top k documents by inner product with the query's own vector
+  (its text embedding, its image embedding, or its `doc_emb` when it has both), rescored and
+  ordered the way the build orders candidates (`transforms.retrieve`: score desc, faiss id asc);
+- with the build's rules (`Corpus.retrieve`, `--rules`): the query runs through the build's own
+  `retrieve_batch` (image via, text via, skip above `max_similarity`, image+text first, diversity),
+  so a user sees what the build would have picked for such an example. No query dropout: that is a
+  training-time augmentation, and here the query is what the user typed.
+
+What the corpus knows of a document: its caption and modality (`embeddings/*.parquet`) and its
+tokens (`shards/`, where it stands as the query of its own sequence; `Corpus.documents`). Images are
+shown by decoding their tokens with the corpus's image tokenizer, i.e. as the model sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.records import IMAGE_TEXT, EmbeddedExample
+
+# The key of a typed query. It is no document of the corpus, so the rules' "self" skip must never
+# fire for it: None equals no key, where any string could be some corpus's key.
+QUERY_KEY = None
+DEFAULT_K = 8
+THUMB_SIDE = 128
+
+
+@dataclass(slots=True)
+class Hit:
+    """One retrieved document, as `cm3corpus query` prints it (one JSON line with --json)."""
+
+    rank: int  # 0-based: plain search by score; with the rules, the order the build lays them out
+    key: str
+    score: float  # inner product with the query vector that found it
+    modality: str
+    caption: str | None
+    via: str  # "text", "image" (which query found it) or "doc" (a text+image query's own doc_emb)
+    image: str | None = None  # the thumbnail written for it (--thumbnails), else None
+
+    def row(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """A document's tokens as the build laid them out (global ids); a missing part is None."""
+
+    key: str
+    modality: str
+    text_ids: list[int] | None
+    image_ids: list[int] | None
+
+
+class Corpus:
+    """A built corpus opened for querying and generation.
+
+    Args:
+        root: the build's output directory (holds memory_bank/, embeddings/, tokenizers/, shards/).
+        device: where the CLIP runs.
+        clip_pretrained: the CLIP weights; bank.json's `clip_pretrained` when None (banks written
+            before it was recorded need it for any CLIP but the demo one).
+        nprobe: IVF lists probed per search; bank.json's when None.
+        bank_dir: the memory bank, when not `root/memory_bank` (a build run with --memory_bank).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        device: str = "cpu",
+        clip_pretrained: str | None = None,
+        nprobe: int | None = None,
+        bank_dir: str | None = None,
+    ) -> None:
+        from transforms.memory_bank import INFO_FILE, load_bank
+
+        self.root = str(root).rstrip("/")
+        self.bank_dir = bank_dir or f"{self.root}/memory_bank"
+        if not os.path.exists(f"{self.bank_dir}/{INFO_FILE}"):
+            raise FileNotFoundError(f"{self.bank_dir}/{INFO_FILE} not found: --corpus must be a build's output folder")
+        self.bank = load_bank(self.bank_dir, nprobe)
+        self.info = self.bank.info
+        self.device = device
+        self._clip_pretrained = clip_pretrained
+        self._embedder = None
+        self._captions: dict[str, str | None] | None = None
+        self._tokenizers: tuple | None = None
+        self._docs: dict[str, Doc] = {}
+
+    # -- embedding -------------------------------------------------------------------------------
+
+    @property
+    def embedder(self):
+        """The bank's CLIP (`transforms.embed.ClipEmbedder`), loaded on first use."""
+        if self._embedder is None:
+            from transforms.embed import DEMO, ClipEmbedder, resolve_clip
+
+            name = self.info["clip_model"]
+            pretrained = self._clip_pretrained or self.info.get("clip_pretrained")
+            if pretrained is None and name != DEMO:
+                raise ValueError(
+                    f"{self.bank_dir}/bank.json names CLIP {name!r} but not its weights (a bank written before"
+                    " bank.json recorded clip_pretrained): pass --clip_pretrained"
+                )
+            model, preprocess, tokenizer = resolve_clip(name, pretrained, self.device)
+            self._embedder = ClipEmbedder(model, preprocess, tokenizer, self.device)
+            if self._embedder.encode_texts(["probe"]).shape[1] != self.info["dim"]:
+                raise ValueError(f"CLIP {name!r} does not give the bank's {self.info['dim']}-d vectors")
+        return self._embedder
+
+    def embed(self, text: str | None = None, image: bytes | None = None) -> EmbeddedExample:
+        """The query as the build would embed an example with this caption and image (no dropout)."""
+        if not text and image is None:
+            raise ValueError("a query needs a text or an image")
+        text_emb = self.embedder.encode_texts([text])[0] if text else None
+        image_emb = self.embedder.encode_images([image])[0] if image is not None else None
+        parts = [v for v in (image_emb, text_emb) if v is not None]
+        doc = np.mean(parts, axis=0)
+        doc = (doc / max(float(np.linalg.norm(doc)), 1e-12)).astype(np.float32)
+        modality = IMAGE_TEXT if len(parts) == 2 else ("image" if image_emb is not None else "text")
+        return EmbeddedExample(QUERY_KEY, text or None, modality, image_emb, text_emb, doc, text_emb)
+
+    # -- searching -------------------------------------------------------------------------------
+
+    def search(self, query: EmbeddedExample, k: int = DEFAULT_K) -> list[Hit]:
+        """The k nearest documents to the query's vector, no rules (what a direct faiss search returns)."""
+        from transforms.retrieve import SEARCH_MARGIN, _rescore
+
+        via, vec = _query_vector(query)
+        k = min(int(k), self.bank.count)
+        if k <= 0:
+            return []
+        q = np.ascontiguousarray(vec[None, :], dtype=np.float32)  # (1, D)
+        found_scores, found = self.bank.index.search(q, min(k + SEARCH_MARGIN, self.bank.count))
+        ids, scores, _ = _rescore(q, found, self.bank, found_scores)  # the build's scores and order
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0][:k], scores[0][:k], strict=True) if i >= 0]
+        return self._hits([(self.bank.keys[i], s, self.bank.modalities[i], via) for i, s in pairs])
+
+    def retrieve(self, query: EmbeddedExample, k: int, rules=None) -> list[Hit]:
+        """Up to k documents chosen by the build's retrieval rules (`transforms.retrieve.retrieve_batch`)."""
+        from transforms.retrieve import RetrievalRules, retrieve_batch
+
+        rules = rules or RetrievalRules()
+        if k <= 0:
+            return []
+        neighbours, _ = retrieve_batch(self.bank, [query], rules, total=k)
+        return self._hits([(n.doc_key, float(n.score), n.doc_modality, n.via) for n in neighbours])
+
+    def _hits(self, rows: list[tuple[str, float, str, str]]) -> list[Hit]:
+        captions = self.captions()
+        return [Hit(r, key, score, mod, captions.get(key), via) for r, (key, score, mod, via) in enumerate(rows)]
+
+    # -- what the corpus holds of a document ---------------------------------------------------------
+
+    def captions(self) -> dict[str, str | None]:
+        """key → caption, from embeddings/*.parquet (read once)."""
+        if self._captions is None:
+            import pyarrow.parquet as pq
+
+            files = sorted(Path(self.root, "embeddings").glob("*.parquet"))
+            self._captions = {}
+            for f in files:
+                t = pq.read_table(f, columns=["key", "caption"])
+                self._captions.update(zip(t.column("key").to_pylist(), t.column("caption").to_pylist(), strict=True))
+        return self._captions
+
+    @property
+    def tokenizers(self) -> tuple:
+        """(text tokenizer, image tokenizer, vocab) of the corpus."""
+        if self._tokenizers is None:
+            from transforms.tokenize import load_tokenizers
+
+            self._tokenizers = load_tokenizers(f"{self.root}/tokenizers")
+        return self._tokenizers
+
+    def documents(self, keys: Iterable[str]) -> dict[str, Doc]:
+        """The tokens of these documents, as laid out in their own sequences in shards/.
+
+        Each document is the query (last document) of its own training sequence; the sequence is
+        unmasked and its query segments read back. A caption the layout cut short is encoded again
+        from embeddings/; an image cut short is left out (a partial image cannot be decoded). A key
+        with no sequence (rejected while tokenizing, or from another corpus's bank) is absent.
+        Reads every shard once per call for the keys not yet read: fine for the handful a query
+        retrieves, not an index for bulk lookups.
+        """
+        wanted = {k for k in keys if k not in self._docs}
+        if wanted:
+            self._read_docs(wanted)
+        return {k: self._docs[k] for k in keys if k in self._docs}
+
+    def _read_docs(self, wanted: set[str]) -> None:
+        from model.data import decode_tokens
+        from transforms.cm3 import QUERY, unmask
+        from transforms.tokenize import encode_caption
+
+        text_tok, _, vocab = self.tokenizers
+        captions = self.captions()
+        shards = sorted(Path(self.root, "shards").glob("*.tar")) + sorted(Path(self.root, "shards").glob("*/*.tar"))
+        for path in shards:
+            for key, members in _tar_samples(path, wanted):
+                meta = json.loads(members["json"])
+                tokens = unmask(decode_tokens(members["tokens.npy"], vocab.size), vocab)
+                text = image = None
+                for start, stop, kind, doc_index in meta["segments"]:
+                    if int(doc_index) == QUERY:
+                        ids = tokens[int(start) : int(stop)].tolist()
+                        text, image = (ids, image) if kind == "text" else (text, ids)
+                if meta.get("query_text_cut") and captions.get(key):
+                    text = encode_caption(text_tok, vocab, captions[key])
+                if meta.get("query_image_cut"):
+                    image = None
+                modality = meta.get("query_modality", IMAGE_TEXT)
+                self._docs[key] = Doc(key, modality, text, image)
+                wanted.discard(key)
+            if not wanted:
+                return
+
+    def thumbnail(self, doc: Doc, side: int = THUMB_SIDE):
+        """The document's image decoded from its tokens (a PIL image), or None when it has none."""
+        from transforms.tokenize import decode_image
+
+        if not doc.image_ids:
+            return None
+        _, image_tok, vocab = self.tokenizers
+        image = decode_image(image_tok, vocab, doc.image_ids)
+        return image.resize((side, side)) if side and image.size[0] < side else image
+
+
+def _query_vector(query: EmbeddedExample) -> tuple[str, np.ndarray]:
+    if query.text_emb is not None and query.image_emb is not None:
+        return "doc", np.asarray(query.doc_emb, np.float32)
+    if query.text_emb is not None:
+        return "text", np.asarray(query.text_emb, np.float32)
+    return "image", np.asarray(query.image_emb, np.float32)
+
+
+def _tar_samples(path: Path, wanted: set[str]) -> Iterable[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of the wanted keys of one of the build's own shards, in order.
+
+    Member names are split into key and extension only; they never become paths.
+    """
+    current, parts = None, {}
+    with tarfile.open(path, "r|") as tf:
+        for m in tf:
+            if not m.isfile() or "." not in m.name:
+                continue
+            key, ext = m.name.split(".", 1)
+            if key != current:
+                if current in wanted and {"json", "tokens.npy"} <= parts.keys():
+                    yield current, parts
+                current, parts = key, {}
+            if key in wanted:
+                parts[ext] = tf.extractfile(m).read()
+    if current in wanted and {"json", "tokens.npy"} <= parts.keys():
+        yield current, parts
+
+
+def safe_name(key: str, rank: int) -> str:
+    """A file name for a document's thumbnail: the rank and a hash, never the key itself (keys are input)."""
+    return f"{rank:02d}-{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}.png"
+
+
+def write_thumbnails(corpus: Corpus, hits: Sequence[Hit], directory: str) -> None:
+    """Decode each hit's image into `directory` and set `hit.image` to its path (None when it has none)."""
+    os.makedirs(directory, exist_ok=True)
+    docs = corpus.documents([h.key for h in hits])
+    for h in hits:
+        doc = docs.get(h.key)
+        image = corpus.thumbnail(doc) if doc is not None else None
+        if image is not None:
+            h.image = os.path.join(directory, safe_name(h.key, h.rank))
+            image.save(h.image, format="PNG")
+
+
+def query(
+    corpus: Corpus | str,
+    text: str | None = None,
+    image: bytes | None = None,
+    k: int = DEFAULT_K,
+    rules: Any = None,
+) -> list[Hit]:
+    """Search a built corpus's memory bank: the package form of `cm3corpus query`.
+
+    Args:
+        corpus: a `Corpus` or the build's output directory.
+        text: the query text.
+        image: the query image, encoded (PNG, JPEG, ...).
+        k: documents to return at most.
+        rules: a `transforms.retrieve.RetrievalRules` to pick as the build does; None for a plain search.
+    """
+    c = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+    q = c.embed(text, image)
+    return c.search(q, k) if rules is None else c.retrieve(q, k, rules)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command.
+
+
+def _parser() -> argparse.ArgumentParser:
+    from transforms.retrieve import RetrievalRules
+
+    d = RetrievalRules()
+    p = argparse.ArgumentParser(prog="cm3corpus query", description="Search a built corpus's memory bank.")
+    p.add_argument("--corpus", required=True, help="The build's output folder.")
+    what = p.add_argument_group("query (one or both)")
+    what.add_argument("--text", help="Query text.")
+    what.add_argument("--image", help="Query image file.")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="Documents to return at most.")
+    p.add_argument("--json", action="store_true", help="One JSON object per line instead of a table.")
+    p.add_argument("--rules", action="store_true", help="Pick as the build does (skip near-duplicates, diversity).")
+    p.add_argument("--max_similarity", type=float, default=d.max_similarity, help="With --rules: relevance cap.")
+    p.add_argument("--diversity_threshold", type=float, default=d.diversity_threshold, help="With --rules.")
+    p.add_argument("--topk", type=int, default=d.topk, help="With --rules: candidates fetched per query.")
+    p.add_argument("--thumbnails", help="Folder to write each hit's image into (decoded from its tokens).")
+    p.add_argument("--clip_pretrained", help="CLIP weights, when bank.json does not record them.")
+    p.add_argument("--memory_bank", help="The bank folder, when not CORPUS/memory_bank.")
+    p.add_argument("--nprobe", type=int, help="IVF lists to probe (bank.json's by default).")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def read_image_file(path: str, flag: str = "--image") -> bytes:
+    """An image file's bytes, checked to decode (a clear one-line error naming the flag otherwise)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError) as e:
+        raise SystemExit(f"{flag}: cannot read image {path}: {e}") from None
+    return data
+
+
+def rules_from_args(args: argparse.Namespace):
+    """RetrievalRules from the --max_similarity / --diversity_threshold / --topk flags (ranges checked)."""
+    from transforms.retrieve import RetrievalRules
+
+    for flag, value in (("--max_similarity", args.max_similarity), ("--diversity_threshold", args.diversity_threshold)):
+        if not -1.0 <= value <= 1.0:
+            raise SystemExit(f"{flag} must lie in [-1, 1], got {value}")
+    if args.topk < 1:
+        raise SystemExit(f"--topk must be at least 1, got {args.topk}")
+    d = RetrievalRules()
+    return RetrievalRules(d.num_retrieved, args.max_similarity, args.diversity_threshold, args.topk)
+
+
+def format_table(hits: Sequence[Hit]) -> str:
+    """The hits as an aligned text table for a person."""
+    rows = [("rank", "score", "modality", "via", "key", "caption", "image")]
+    for h in hits:
+        caption = (h.caption or "").replace("\n", " ")
+        caption = caption if len(caption) <= 60 else caption[:57] + "..."
+        rows.append((str(h.rank), f"{h.score:.4f}", h.modality, h.via, h.key, caption, h.image or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.text and not args.image:
+        raise SystemExit("cm3corpus query: give --text, --image or both")
+    if args.k < 1:
+        raise SystemExit(f"--k must be at least 1, got {args.k}")
+    rules = rules_from_args(args) if args.rules else None
+    image = read_image_file(args.image) if args.image else None
+    try:
+        corpus = Corpus(args.corpus, args.device, args.clip_pretrained, args.nprobe, args.memory_bank)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cm3corpus query: {e}") from None
+    hits = query(corpus, args.text, image, args.k, rules)
+    if args.thumbnails:
+        write_thumbnails(corpus, hits, args.thumbnails)
+    if args.json:
+        for h in hits:
+            print(json.dumps(h.row(), ensure_ascii=False, sort_keys=True))
+    else:
+        print(format_table(hits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
