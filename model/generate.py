@@ -232,11 +232,12 @@ def run_generate(
             texts.append(decode_text(text_tok, vocab, [t for t in row if vocab.text_start <= t < vocab.image_start]))
         emb = corpus.embedder.encode_texts([t or " " for t in texts])  # (N, D)
         scores = emb @ np.asarray(query.image_emb, np.float32)
+        scores[[not t.strip() for t in texts]] = -np.inf  # an empty caption says nothing: ranked last, unscored
         for i, text in enumerate(texts):
             samples.append({"index": i, "seed": seeds[i], "caption": text})
     order = sorted(range(len(samples)), key=lambda i: (-float(scores[i]), i))
     for rank, i in enumerate(order):
-        samples[i]["clip_score"] = round(float(scores[i]), 6)
+        samples[i]["clip_score"] = round(float(scores[i]), 6) if np.isfinite(scores[i]) else None
         samples[i]["rank"] = rank
 
     run = {
@@ -261,7 +262,7 @@ def run_generate(
         best = samples[order[0]] if order else None
         print(
             f"[generate] {len(samples)} samples, {progress.tokens_per_s:,.0f} tokens/s; best clip score"
-            f" {best['clip_score'] if best else float('nan'):.4f}" + (f" → {output}" if output else ""),
+            f" {_score(best['clip_score'] if best else None)}" + (f" → {output}" if output else ""),
             file=sys.stderr,
         )
     return {**run, "images": images}
@@ -284,6 +285,10 @@ h1{font-size:21px;margin:0 0 6px}h2{font-size:16px;margin:22px 0 8px}.sub{color:
 .cap{font-size:12.5px;overflow-wrap:anywhere}.meta{font-size:12px;color:#555}
 .key{font:11px ui-monospace,monospace;color:#888;overflow-wrap:anywhere}
 """
+
+
+def _score(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def render_html(run: dict, images: dict[int, bytes], doc_images: dict[str, bytes | None]) -> str:
@@ -315,7 +320,7 @@ def render_html(run: dict, images: dict[int, bytes], doc_images: dict[str, bytes
         card(
             _data_uri(images.get(x["index"])),
             x.get("caption"),
-            f"rank {x['rank']} · clip {x['clip_score']:.3f} · sample {x['index']}",
+            f"rank {x['rank']} · clip {_score(x['clip_score'])} · sample {x['index']}",
             x.get("file", ""),
         )
         for x in ranked

@@ -244,5 +244,11 @@ def test_image_to_caption_writes_scored_captions(built, tmp_path):
     main([*args, "--num_samples", "2", "--max_caption_tokens", "6", "--output", str(tmp_path / "cap")])
     run = json.loads((tmp_path / "cap" / "run.json").read_text())
     assert run["mode"] == "image-to-caption" and len(run["samples"]) == 2
-    assert all(isinstance(s["caption"], str) and -1 <= s["clip_score"] <= 1 for s in run["samples"])
+    ranked = sorted(run["samples"], key=lambda s: s["rank"])
+    for s in ranked:  # an empty caption is unscored and ranked after every scored one
+        assert isinstance(s["caption"], str) and (s["clip_score"] is None) == (not s["caption"].strip())
+    scored = [s["clip_score"] for s in ranked if s["clip_score"] is not None]
+    assert scored == sorted(scored, reverse=True) and ranked[: len(scored)] == [
+        s for s in ranked if s["caption"].strip()
+    ]
     assert not list((tmp_path / "cap").glob("*.png"))
