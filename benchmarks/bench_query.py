@@ -63,14 +63,16 @@ def build_bank(folder: str, n: int, seed: int, part_size: int = 100_000, train_s
         parts = write_parts(tmp, "clustered", n, DIM, part_size, seed)
         factory = choose_index_factory(n, DIM, max_train=min(train_size, n))
         trained = serialize(train_index(training_sample(parts, min(train_size, n)), factory, DIM))
-        filled = []
-        for path, start in parts:
-            vectors = np.load(path, mmap_mode="r")
-            filled.append(add_part(trained, vectors, np.arange(start, start + len(vectors), dtype=np.int64)))
+        sizes = [(path, start, len(np.load(path, mmap_mode="r"))) for path, start in parts]
+        # Each part is filled when the merge asks for it and released after: one part in memory at a time.
+        filled = (
+            add_part(trained, np.load(path, mmap_mode="r"), np.arange(start, start + m, dtype=np.int64))
+            for path, start, m in sizes
+        )
         index = merge_parts(deserialize(trained), filled)
-        sizes = [(start, len(np.load(path, mmap_mode="r"))) for path, start in parts]
         ids = (
-            ids_table(np.arange(s, s + m), [f"d{i:09d}" for i in range(s, s + m)], [IMAGE_TEXT] * m) for s, m in sizes
+            ids_table(np.arange(s, s + m), [f"d{i:09d}" for i in range(s, s + m)], [IMAGE_TEXT] * m)
+            for _, s, m in sizes
         )
         write_bank(f"{folder}/memory_bank", index, ids, bank_info(index, "demo", factory, default_nprobe(index)))
     return {"factory": factory, "build_s": round(time.perf_counter() - t0, 1)}

@@ -160,6 +160,8 @@ class Corpus:
         rules = rules or RetrievalRules()
         if k <= 0:
             return []
+        if rules.topk < k:  # the rules can only pick from the candidates fetched
+            rules = dataclasses.replace(rules, topk=k)
         neighbours, _ = retrieve_batch(self.bank, [query], rules, total=k)
         return self._hits([(n.doc_key, float(n.score), n.doc_modality, n.via) for n in neighbours])
 
