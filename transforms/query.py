@@ -129,13 +129,14 @@ class Corpus:
         """The query as the build would embed an example with this caption and image (no dropout)."""
         if not text and image is None:
             raise ValueError("a query needs a text or an image")
+        from schemas.records import Example
+        from transforms.embed import embedded_example
+
         text_emb = self.embedder.encode_texts([text])[0] if text else None
         image_emb = self.embedder.encode_images([image])[0] if image is not None else None
-        parts = [v for v in (image_emb, text_emb) if v is not None]
-        doc = np.mean(parts, axis=0)
-        doc = (doc / max(float(np.linalg.norm(doc)), 1e-12)).astype(np.float32)
-        modality = IMAGE_TEXT if len(parts) == 2 else ("image" if image_emb is not None else "text")
-        return EmbeddedExample(QUERY_KEY, text or None, modality, image_emb, text_emb, doc, text_emb)
+        # The build's own assembly (doc_emb and modality exactly as a document's); the text query is
+        # the text itself, without the build's query dropout.
+        return embedded_example(Example(QUERY_KEY, "query", text or None, image), image_emb, text_emb, text_emb)
 
     # -- searching -------------------------------------------------------------------------------
 
