@@ -209,7 +209,6 @@ class Corpus:
         return {k: self._docs[k] for k in keys if k in self._docs}
 
     def _read_docs(self, wanted: set[str]) -> None:
-        from model.data import decode_tokens
         from transforms.cm3 import QUERY, unmask
         from transforms.tokenize import encode_caption
 
@@ -219,7 +218,7 @@ class Corpus:
         for path in shards:
             for key, members in _tar_samples(path, wanted):
                 meta = json.loads(members["json"])
-                tokens = unmask(decode_tokens(members["tokens.npy"], vocab.size), vocab)
+                tokens = unmask(np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False), vocab)
                 text = image = None
                 for start, stop, kind, doc_index in meta["segments"]:
                     if int(doc_index) == QUERY:
