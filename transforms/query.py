@@ -167,22 +167,39 @@ class Corpus:
         return self._hits([(n.doc_key, float(n.score), n.doc_modality, n.via) for n in neighbours])
 
     def _hits(self, rows: list[tuple[str, float, str, str]]) -> list[Hit]:
-        captions = self.captions()
+        captions = self.captions_of([key for key, _, _, _ in rows])
         return [Hit(r, key, score, mod, captions.get(key), via) for r, (key, score, mod, via) in enumerate(rows)]
 
     # -- what the corpus holds of a document ---------------------------------------------------------
 
+    def _embedding_files(self) -> list[str]:
+        return [str(f) for f in sorted(Path(self.root, "embeddings").glob("*.parquet"))]
+
     def captions(self) -> dict[str, str | None]:
-        """key → caption, from embeddings/*.parquet (read once)."""
+        """key → caption of every document, from embeddings/*.parquet (read once)."""
         if self._captions is None:
             import pyarrow.parquet as pq
 
-            files = sorted(Path(self.root, "embeddings").glob("*.parquet"))
             self._captions = {}
-            for f in files:
+            for f in self._embedding_files():
                 t = pq.read_table(f, columns=["key", "caption"])
                 self._captions.update(zip(t.column("key").to_pylist(), t.column("caption").to_pylist(), strict=True))
         return self._captions
+
+    def captions_of(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """key → caption (None when unknown) of these documents only: a filtered read, not the whole table."""
+        if self._captions is not None:
+            return {k: self._captions.get(k) for k in keys}
+        files = self._embedding_files()
+        if not files or not keys:
+            return dict.fromkeys(keys)
+        import pyarrow.dataset as ds
+
+        t = ds.dataset(files, format="parquet").to_table(
+            columns=["key", "caption"], filter=ds.field("key").isin(list(keys))
+        )
+        found = dict(zip(t.column("key").to_pylist(), t.column("caption").to_pylist(), strict=True))
+        return {k: found.get(k) for k in keys}
 
     @property
     def tokenizers(self) -> tuple:
@@ -213,7 +230,6 @@ class Corpus:
         from transforms.tokenize import encode_caption
 
         text_tok, _, vocab = self.tokenizers
-        captions = self.captions()
         shards = sorted(Path(self.root, "shards").glob("*.tar")) + sorted(Path(self.root, "shards").glob("*/*.tar"))
         for path in shards:
             for key, members in _tar_samples(path, wanted):
@@ -224,8 +240,9 @@ class Corpus:
                     if int(doc_index) == QUERY:
                         ids = tokens[int(start) : int(stop)].tolist()
                         text, image = (ids, image) if kind == "text" else (text, ids)
-                if meta.get("query_text_cut") and captions.get(key):
-                    text = encode_caption(text_tok, vocab, captions[key])
+                caption = self.captions_of([key])[key] if meta.get("query_text_cut") else None
+                if caption:
+                    text = encode_caption(text_tok, vocab, caption)
                 if meta.get("query_image_cut"):
                     image = None
                 modality = meta.get("query_modality", IMAGE_TEXT)
