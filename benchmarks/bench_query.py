@@ -101,7 +101,10 @@ def main(argv=None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_query_")
     os.makedirs(workdir, exist_ok=True)
     info_path = Path(workdir, "memory_bank", "bank.json")
-    result: dict = {"n": args.n, "dim": DIM, "queries": args.queries}
+    import torch
+
+    result: dict = {"n": args.n, "dim": DIM, "queries": args.queries, "torch_threads": torch.get_num_threads()}
+    result["load_average"] = round(os.getloadavg()[0], 1)
     if info_path.exists() and json.loads(info_path.read_text())["count"] == args.n:
         result["factory"] = json.loads(info_path.read_text())["index_factory"]
         result["build_s"] = None  # reused
@@ -150,7 +153,10 @@ def main(argv=None) -> int:
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     result["command_s"] = round(time.perf_counter() - t0, 2)
 
-    print(f"bank {args.n:,} x {DIM} `{result['factory']}` nprobe {result['nprobe']}; opened in {result['open_s']} s")
+    print(
+        f"bank {args.n:,} x {DIM} `{result['factory']}` nprobe {result['nprobe']}; opened in {result['open_s']} s;"
+        f" torch threads {result['torch_threads']}, load average {result['load_average']}"
+    )
     print(
         f"one text query: embed {result['embed_ms']} ms + search {result['search_ms']} ms "
         f"(bare faiss {result['bare_search_ms']} ms, {result['search_over_bare']}x) = {result['query_ms']} ms; "
