@@ -26,9 +26,19 @@ from transforms.rng import is_held_out, stable_hash
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
-ARTIFACTS = ("rejects", "embeddings", "memory_bank", "neighbours", "retrieval_counts", "tokenizers", "shards")
+ARTIFACTS = (
+    "rejects",
+    "filtered",
+    "embeddings",
+    "memory_bank",
+    "neighbours",
+    "retrieval_counts",
+    "tokenizers",
+    "shards",
+)
 REPORT_SAMPLE = "report_sample.json"  # staged by the pipeline, rendered with the run's counts by finalize
 REPORT_QUERIES = 12
+FILTER_REPORT = "filter_report.json"  # staged by FilterCorpus: CLIP-score histogram and duplicate groups
 
 
 def _reject_rows(r: Reject) -> list[dict]:
@@ -42,6 +52,7 @@ def _reject_sort_key(r: Reject) -> str:
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
     from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows
+    from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
     from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
     from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
     from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards
@@ -50,6 +61,17 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     dim = clip_embed_dim(cfg.clip_model)
     examples, read_rejects = p | "Read" >> ReadExamples(units, cfg)
     embedded, embed_rejects = examples | "Embed" >> EmbedExamples.from_config(cfg)
+    examples, embedded, filtered = (examples, embedded) | "Filter" >> FilterCorpus(
+        FilterConfig.from_config(cfg),
+        f"{staging}/_dedup_bank",
+        f"{staging}/{FILTER_REPORT}",
+        cfg.clip_model,
+        dim,
+        cfg.seed,
+    )
+    filtered | "WriteFiltered" >> WriteSortedParquet(
+        f"{staging}/filtered", artifacts.FILTERED, filtered_rows, filtered_sort_key, prefix="filtered"
+    )
     embedded | "WriteEmbeddings" >> WriteSortedParquet(
         f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, None, "embeddings", 20_000
     )
@@ -246,22 +268,31 @@ def _render_report(fs, root: str, stats: dict) -> None:
         for d in (q, *q["neighbours"]):
             d["image"] = base64.b64decode(d["image"]) if d["image"] else None
     summary = {k: v for k, v in stats.items() if k != "counters"}
-    write_report(f"{root}/report.html", queries, summary)
+    filters = f"{root}/{STAGING}/{FILTER_REPORT}"
+    if fs.exists(filters):
+        with fs.open(filters, "r") as f:
+            filters = json.load(f)
+    write_report(f"{root}/report.html", queries, summary, filters=filters if isinstance(filters, dict) else None)
 
 
 def stats_from_counters(c: dict[str, int], seconds: float) -> dict:
-    """The run summary: read == written + rejected, from the pipeline's counters."""
+    """The run summary: read == written + rejected + filtered, from the pipeline's counters."""
     by_reason = {k.split("/", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("rejected/") and v}
+    filtered = {k.split("/", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("filtered/") and v}
     stats = {
         "examples_read": c.get("read/examples_read", 0),
         "examples_written": c.get("write/examples_written", 0),
         "examples_rejected": sum(by_reason.values()),
         "rejects_by_reason": by_reason,
+        "examples_filtered": sum(filtered.values()),  # valid examples a corpus filter left out (filtered/)
+        "filtered_by_reason": filtered,
         "seconds": round(seconds, 3),
         "counters": dict(sorted(c.items())),
         "schema_version": artifacts.SCHEMA_VERSION,
     }
-    stats["accounted"] = stats["examples_read"] == stats["examples_written"] + stats["examples_rejected"]
+    stats["accounted"] = stats["examples_read"] == (
+        stats["examples_written"] + stats["examples_rejected"] + stats["examples_filtered"]
+    )
     return stats
 
 
@@ -289,7 +320,8 @@ def summary_line(stats: dict) -> str:
     reasons = ", ".join(f"{k} {v:,}" for k, v in stats["rejects_by_reason"].items()) or "none"
     return (
         f"cm3corpus build: {stats['examples_read']:,} read · {stats['examples_written']:,} written · "
-        f"{stats['examples_rejected']:,} rejected ({reasons}) in {stats['seconds']:.1f} s"
+        f"{stats['examples_rejected']:,} rejected ({reasons}) · {stats['examples_filtered']:,} filtered"
+        f" in {stats['seconds']:.1f} s"
     )
 
 
@@ -320,7 +352,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     finalize(cfg.output, stats)
     print(summary_line(stats), file=sys.stderr, flush=True)
     if not stats["accounted"]:
-        raise RuntimeError(f"accounting failed: read {stats['examples_read']} != written + rejected; see stats.json")
+        raise RuntimeError(
+            f"accounting failed: read {stats['examples_read']} != written + rejected + filtered; see stats.json"
+        )
     return stats
 
 

@@ -75,6 +75,21 @@ class CorpusOptions(PipelineOptions):
         a("--max_similarity", type=float, default=0.9, help="Relevance rule: skip candidates scoring above this.")
         a("--diversity_threshold", type=float, default=0.95, help="Skip candidates this similar to a selected one.")
         a("--query_dropout", type=float, default=0.2, help="Share of caption tokens dropped from the text query.")
+        # Corpus filters (transforms/filters.py); both off by default.
+        a(
+            "--min_clip_score",
+            type=float,
+            default=None,
+            help="Leave out image+text examples whose image-caption CLIP cosine is below this (listed in"
+            " filtered/; the report's histogram shows where the scores lie). Off by default.",
+        )
+        a(
+            "--dedup_threshold",
+            type=float,
+            default=None,
+            help="Leave out exact duplicates (same decoded pixels) and documents whose embedding lies within this"
+            " cosine of one that comes first (image+text first, then key hash). Off by default.",
+        )
         # Tokenizers, layout and shards.
         a(
             "--holdout_fraction",
@@ -148,6 +163,8 @@ class BuildConfig:
     diversity_threshold: float = 0.95  # diversity rule threshold
     query_dropout: float = 0.2  # RA-CM3 query dropout rate
     holdout_fraction: float = 0.0  # examples kept out of the bank and written to shards/heldout/
+    min_clip_score: float | None = None  # leave out image+text examples whose CLIP cosine is below this
+    dedup_threshold: float | None = None  # leave out documents this close to one earlier in keep order
     text_tokenizer: str | None = None  # tokenizer.json to load
     text_vocab_size: int = 56_320  # BPE vocabulary size when fitting
     image_tokenizer: str | None = None  # image tokenizer file to load, or vqgan:DIR
@@ -184,6 +201,11 @@ class BuildConfig:
             raise SystemExit(f"cm3corpus build: --vocab {vocab!r}: expected native or chameleon:DIR")
         if vocab != "native" and values.get("text_tokenizer"):
             raise SystemExit("cm3corpus build: --text_tokenizer and --vocab chameleon:DIR both name the text tokenizer")
+        score, threshold = values.get("min_clip_score"), values.get("dedup_threshold")
+        if score is not None and not -1.0 <= score <= 1.0:  # NaN fails too
+            raise SystemExit(f"cm3corpus build: --min_clip_score {score}: expected a cosine in [-1, 1]")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise SystemExit(f"cm3corpus build: --dedup_threshold {threshold}: expected a cosine in (0, 1]")
         if values.get("tokenize_batch_size") is not None and values["tokenize_batch_size"] < 1:
             raise SystemExit("cm3corpus build: --tokenize_batch_size must be at least 1")
         if not values.get("memory_bank"):

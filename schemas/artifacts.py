@@ -92,10 +92,27 @@ SHARD_MANIFEST = _versioned(
     ],
 )
 
+# One row per example a corpus filter left out (transforms/filters.py); reason is one of
+# records.FILTER_REASONS. `score`: the image–caption cosine (low_clip_score) or the doc-embedding
+# cosine with `duplicate_of` (near_duplicate); null for exact duplicates. `duplicate_of` comes first
+# in keep order; following it through this table always ends at a kept document.
+FILTERED = _versioned(
+    "filtered",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("score", pa.float32()),
+        pa.field("duplicate_of", pa.string()),
+    ],
+)
+
 ALL = {
     "rejects": REJECTS,
     "memory_bank_ids": MEMORY_BANK_IDS,
     "neighbours": NEIGHBOURS,
     "retrieval_counts": RETRIEVAL_COUNTS,
     "shard_manifest": SHARD_MANIFEST,
+    "filtered": FILTERED,
 }

@@ -33,6 +33,14 @@ REJECT_REASONS = (
     "stage_error",  # an unexpected exception while processing this example in a later stage
 )
 
+# Why a valid example was left out of the corpus by a quality filter (`filtered/*.parquet`). Filtered
+# examples are a third term of the accounting: read == written + rejected + filtered.
+FILTER_REASONS = (
+    "low_clip_score",  # image–caption cosine below --min_clip_score; `score` holds the cosine
+    "exact_duplicate",  # the same decoded pixels as `duplicate_of`, which comes first in keep order
+    "near_duplicate",  # doc embedding within --dedup_threshold of `duplicate_of`; `score` holds the cosine
+)
+
 
 @dataclass(slots=True)
 class Example:
@@ -45,6 +53,7 @@ class Example:
     width: int = 0
     height: int = 0
     meta: str = ""  # the sample's JSON sidecar, verbatim (as text), when there is one
+    image_hash: str = ""  # hash of the decoded RGB pixels and size (exact-duplicate filter); "" without image
 
     @property
     def modality(self) -> str:
@@ -65,6 +74,22 @@ class Reject:
     def __post_init__(self) -> None:
         if self.reason not in REJECT_REASONS:
             raise ValueError(f"unknown reject reason {self.reason!r}; add it to REJECT_REASONS")
+
+
+@dataclass(slots=True)
+class Filtered:
+    """A valid example that a corpus filter left out (`transforms/filters.py`), and why."""
+
+    key: str
+    modality: str
+    caption: str | None
+    reason: str  # one of FILTER_REASONS
+    score: float | None = None  # the cosine the decision compared (None for exact duplicates)
+    duplicate_of: str | None = None  # the document this one duplicates (earlier in keep order)
+
+    def __post_init__(self) -> None:
+        if self.reason not in FILTER_REASONS:
+            raise ValueError(f"unknown filter reason {self.reason!r}; add it to FILTER_REASONS")
 
 
 @dataclass(slots=True)
@@ -89,6 +114,7 @@ class EmbeddedExample:
     text_emb: Any = None  # np.ndarray (D,) or None
     doc_emb: Any = None  # normalize(mean(image_emb, text_emb)), or the one part there is
     query_text_emb: Any = None  # the caption embedded after query dropout (retrieval's text query)
+    image_hash: str = ""  # the Example's decoded-pixel hash, for the exact-duplicate filter
 
 
 @dataclass(slots=True)

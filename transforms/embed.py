@@ -427,6 +427,7 @@ def embedded_example(example: Example, image_emb, text_emb, query_text_emb) -> E
         text_emb=text_emb,
         doc_emb=doc,
         query_text_emb=query_text_emb,
+        image_hash=example.image_hash,
     )
 
 

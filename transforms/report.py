@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -111,7 +112,12 @@ def _stats(counts: Mapping[str, Any], prefix: str = "") -> str:
     return "".join(rows)
 
 
-def render_report(queries: Sequence[Mapping[str, Any]], counts: Mapping[str, Any], title: str = "cm3corpus") -> str:
+def render_report(
+    queries: Sequence[Mapping[str, Any]],
+    counts: Mapping[str, Any],
+    title: str = "cm3corpus",
+    filters: Mapping[str, Any] | None = None,
+) -> str:
     """The report page as an HTML string.
 
     Args:
@@ -120,6 +126,7 @@ def render_report(queries: Sequence[Mapping[str, Any]], counts: Mapping[str, Any
             neighbours in rank order.
         counts: run counts to show (e.g. stats.json); nested dicts become "outer / inner" rows.
         title: page heading.
+        filters: the corpus filters' staged sample (see `filters_section`), or None.
     """
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -128,13 +135,18 @@ def render_report(queries: Sequence[Mapping[str, Any]], counts: Mapping[str, Any
         f'<div class="sub">{len(queries)} sample queries with their retrieved neighbours, in training-sequence'
         " order (retrieved documents come before the query).</div>"
         f'<h2>Run counts</h2><table class="stats">{_stats(counts)}</table>'
+        f"{filters_section(filters) if filters else ''}"
         f"<h2>Sample queries</h2>{''.join(_query(q) for q in queries)}"
         "</body></html>\n"
     )
 
 
 def write_report(
-    path: str, queries: Sequence[Mapping[str, Any]], counts: Mapping[str, Any], title: str = "cm3corpus"
+    path: str,
+    queries: Sequence[Mapping[str, Any]],
+    counts: Mapping[str, Any],
+    title: str = "cm3corpus",
+    filters: Mapping[str, Any] | None = None,
 ) -> None:
     """Render the report and write it to `path` (any fsspec URL) under a temporary name, then rename.
 
@@ -143,10 +155,138 @@ def write_report(
         queries: see `render_report`.
         counts: see `render_report`.
         title: page heading.
+        filters: see `render_report`.
     """
-    page = render_report(queries, counts, title)
+    page = render_report(queries, counts, title, filters)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(page)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The corpus filters' section: where the CLIP scores lie, and what the dedup threshold catches.
+
+
+def histogram_svg(
+    counts: Sequence[int], lo: float, width: float, threshold: float | None, w: int = 640, h: int = 230
+) -> str:
+    """An inline SVG bar chart of binned scores, the threshold as a red line (bars below it shaded).
+
+    Args:
+        counts: examples per bin; bin i covers [lo + i*width, lo + (i+1)*width).
+        lo: left edge of bin 0.
+        width: bin width.
+        threshold: the score marked, or None.
+    """
+    used = [i for i, c in enumerate(counts) if c]
+    if not used:
+        return "<p>no image+text examples were scored</p>"
+    first, last = used[0], used[-1]
+    if threshold is not None:  # keep the threshold in view even where no score lies
+        t_bin = int((threshold - lo) // width)
+        first, last = max(0, min(first, t_bin - 1)), min(len(counts) - 1, max(last, t_bin + 1))
+    x0, x1 = lo + first * width, lo + (last + 1) * width
+    top = max(counts[first : last + 1])
+    left, right, up, down = 44, 12, 28, 40
+    pw, ph = w - left - right, h - up - down
+
+    def x(v: float) -> float:
+        return round(left + (v - x0) / (x1 - x0) * pw, 1)
+
+    bars = []
+    for i in range(first, last + 1):
+        if not counts[i]:
+            continue
+        a, b = lo + i * width, lo + (i + 1) * width
+        bh = round(counts[i] / top * ph, 1)
+        below = threshold is not None and b <= threshold + 1e-12
+        colour = "#d9a0a0" if below else "#4a7bd0"
+        bars.append(
+            f'<rect x="{x(a)}" y="{round(up + ph - bh, 1)}" width="{max(round(x(b) - x(a) - 1, 1), 0.5)}"'
+            f' height="{bh}" fill="{colour}"><title>{a:.2f} to {b:.2f}: {counts[i]:,}</title></rect>'
+        )
+    ticks = []
+    step = 0.1 if x1 - x0 <= 1.2 else 0.2
+    t = round(math.ceil(x0 / step - 1e-9) * step, 2)
+    while t <= x1 + 1e-9:
+        ticks.append(
+            f'<line x1="{x(t)}" y1="{up + ph}" x2="{x(t)}" y2="{up + ph + 4}" stroke="#666"/>'
+            f'<text x="{x(t)}" y="{up + ph + 16}" font-size="11" text-anchor="middle">{t:.1f}</text>'
+        )
+        t = round(t + step, 2)
+    mark = ""
+    if threshold is not None:
+        kept = sum(c for i, c in enumerate(counts) if lo + i * width >= threshold - 1e-12)
+        mark = (
+            f'<line x1="{x(threshold)}" y1="{up - 6}" x2="{x(threshold)}" y2="{up + ph}" stroke="#c0392b"'
+            f' stroke-width="2"/><text x="{x(threshold) + 4}" y="{up - 10}" font-size="11" fill="#c0392b">'
+            f"--min_clip_score {threshold:g} (bins left of it are left out; ~{kept:,} at or above)</text>"
+        )
+    return (
+        f'<svg width="{w}" height="{h}" role="img" aria-label="CLIP score histogram">'
+        f'<rect width="{w}" height="{h}" fill="#fff" stroke="#ddd"/>{"".join(bars)}'
+        f'<line x1="{left}" y1="{up + ph}" x2="{w - right}" y2="{up + ph}" stroke="#666"/>{"".join(ticks)}'
+        f'<text x="{left - 6}" y="{up + 4}" font-size="11" text-anchor="end">{top:,}</text>'
+        f'<text x="{left - 6}" y="{up + ph}" font-size="11" text-anchor="end">0</text>'
+        f'<text x="{left + pw / 2}" y="{h - 6}" font-size="11" text-anchor="middle">image–caption cosine'
+        f" (bins of {width:g})</text>{mark}</svg>"
+    )
+
+
+def _b64(data: str | None) -> bytes | None:
+    return base64.b64decode(data) if data else None
+
+
+def _filtered_card(d: Mapping[str, Any], label: str) -> str:
+    return (
+        f'<div class="card">{_image(_b64(d.get("image")))}{_caption(d.get("caption"))}'
+        f'<div class="meta">{_e(label)}</div><div class="key">{_e(d.get("key"))}</div></div>'
+    )
+
+
+def filters_section(data: Mapping[str, Any]) -> str:
+    """HTML for the corpus filters: the CLIP-score histogram and a few duplicate groups.
+
+    Args:
+        data: `transforms.filters`' staged sample: `min_clip_score`, `dedup_threshold`, `histogram`
+            (`lo`, `width`, `counts`), `groups` (`kept` and `dropped` documents, images as base64),
+            `low_clip` (left-out documents with their `score`).
+    """
+    s, t, hist = data.get("min_clip_score"), data.get("dedup_threshold"), data.get("histogram") or {}
+    how = (
+        f"Examples left of the red line are left out (<code>--min_clip_score {s:g}</code>)."
+        if s is not None
+        else "No <code>--min_clip_score</code> is set: pick it where the low tail (mismatched captions)"
+        " separates from the main body."
+    )
+    parts = [
+        f'<h2>Corpus filters</h2><div class="sub">Image–caption CLIP cosine of every image+text example. {how}</div>',
+        histogram_svg(hist.get("counts") or [], hist.get("lo", -1.0), hist.get("width", 0.02), s),
+    ]
+    low = data.get("low_clip") or []
+    if low:
+        cards = "".join(_filtered_card(d, f"score {d['score']:.3f}, left out") for d in low)
+        parts.append(f'<h3>Left out, closest below the threshold</h3><div class="nbrs">{cards}</div>')
+    if t is not None:
+        groups = data.get("groups") or []
+        parts.append(
+            f'<h3>Duplicate groups (<code>--dedup_threshold {t:g}</code>)</h3><div class="sub">The kept document'
+            " (blue) and the ones left out as its duplicates, with their cosine to it; the groups closest to"
+            " the threshold come with a key-hash sample.</div>"
+        )
+        for g in groups:
+            dropped = "".join(
+                _filtered_card(
+                    d, f"{d['reason']}" + (f", cosine {d['score']:.3f}" if d.get("score") is not None else "")
+                )
+                for d in g["dropped"]
+            )
+            parts.append(
+                f'<div class="query"><div class="q">{_filtered_card(g["kept"], "kept")}</div>'
+                f'<div class="nbrs">{dropped}</div></div>'
+            )
+        if not groups:
+            parts.append('<div class="none">no duplicates found</div>')
+    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------

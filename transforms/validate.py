@@ -68,13 +68,13 @@ def validate(sample: RawSample, budgets: Budgets, caption_ext: str = "txt") -> E
     try:
         caption = _caption(sample.parts.get(caption_ext), budgets)
         image_bytes = next((sample.parts[e] for e in IMAGE_PARTS if e in sample.parts), None)
-        image, width, height = _image(image_bytes, budgets) if image_bytes is not None else (None, 0, 0)
+        image, width, height, image_hash = _image(image_bytes, budgets) if image_bytes is not None else (None, 0, 0, "")
     except _Rejected as r:
         return Reject(sample.key, sample.source, r.reason, r.detail)
     if image is None and not caption:
         return Reject(sample.key, sample.source, "empty_example", f"parts present: {sorted(sample.parts) or 'none'}")
     meta = sample.parts.get("json", b"").decode("utf-8", errors="replace")
-    return Example(sample.key, sample.source, caption, image, width, height, meta)
+    return Example(sample.key, sample.source, caption, image, width, height, meta, image_hash)
 
 
 def _caption(data: bytes | None, budgets: Budgets) -> str | None:
@@ -92,7 +92,7 @@ def _caption(data: bytes | None, budgets: Budgets) -> str | None:
     return text or None
 
 
-def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int]:
+def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int, str]:
     from PIL import Image
 
     if len(data) > budgets.max_image_bytes:
@@ -119,11 +119,25 @@ def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int]:
     except Exception as e:
         raise _Rejected("image_undecodable", describe_error(e)) from None
     if im.format in ("JPEG", "PNG") and im.mode == "RGB" and not animated and "transparency" not in im.info:
-        return data, width, height
+        return data, width, height, pixel_hash(im)
     rgb = to_rgb(im)
     out = io.BytesIO()
     rgb.save(out, format="PNG")
-    return out.getvalue(), width, height
+    return out.getvalue(), width, height, pixel_hash(rgb)
+
+
+PIXEL_HASH_ROWS = 512  # rows hashed per strip: never a second full copy of a large image's pixels
+
+
+def pixel_hash(im) -> str:
+    """A 128-bit hash of a decoded RGB image's size and pixels: equal for the same picture re-encoded
+    losslessly or re-uploaded byte-for-byte, whatever its file format (the exact-duplicate filter)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{im.mode} {im.width}x{im.height}".encode(), digest_size=16)
+    for top in range(0, im.height, PIXEL_HASH_ROWS):
+        digest.update(im.crop((0, top, im.width, min(top + PIXEL_HASH_ROWS, im.height))).tobytes())
+    return digest.hexdigest()
 
 
 def to_rgb(im):
