@@ -471,6 +471,71 @@ def write_demo_corpus(
     return {"examples": num_examples, **counts, "shards": num_shards}
 
 
+def _read_tar(path: str) -> list[tuple[str, dict[str, bytes]]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return list(samples.items())
+
+
+def add_filter_cases(output: str, seed: int = 0, swapped_share: float = 0.05, exact_share: float = 0.02) -> dict:
+    """Give a demo corpus known cases for the corpus filters, recorded in each sample's JSON.
+
+    Among image+text examples outside any near-duplicate pair, chosen by (seed, key):
+    - caption swaps: pairs exchange captions (`"caption_swapped_with": KEY`), so neither caption
+      describes its image any more (what `--min_clip_score` should catch);
+    - exact re-uploads: an example takes another's image bytes and caption (`"exact_duplicate_of": KEY`).
+    Tars and parquet are rewritten in place, byte-identical for the same arguments.
+
+    Args:
+        output: a folder written by `write_demo_corpus`.
+        seed: picks the examples.
+        swapped_share: share of examples whose caption is swapped (rounded down to pairs).
+        exact_share: share of examples turned into exact re-uploads of another.
+
+    Returns:
+        {"swapped": {key: other}, "exact": {copy: original}}.
+    """
+    tars = sorted(os.path.join(output, n) for n in os.listdir(output) if _SHARD_FILE.match(n) and n.endswith(".tar"))
+    shards = {path: _read_tar(path) for path in tars}
+    parts = {key: p for samples in shards.values() for key, p in samples}
+    meta = {key: json.loads(p["json"]) for key, p in parts.items()}
+    in_pairs = {k for k, m in meta.items() if m.get("near_duplicate_of")}
+    in_pairs |= {m["near_duplicate_of"] for m in meta.values() if m.get("near_duplicate_of")}
+    free = [k for k in sorted(parts) if "jpg" in parts[k] and "txt" in parts[k] and k not in in_pairs]
+    free.sort(key=lambda k: rng_for(seed, k, "demo_filter_cases").random())
+    n_swap = 2 * int(swapped_share * len(parts) / 2)
+    n_exact = int(exact_share * len(parts))
+    swapped, exact = {}, {}
+    for a, b in zip(free[0:n_swap:2], free[1:n_swap:2], strict=True):
+        parts[a]["txt"], parts[b]["txt"] = parts[b]["txt"], parts[a]["txt"]
+        swapped[a], swapped[b] = b, a
+    rest = free[n_swap:]
+    for copy, original in zip(rest[0 : 2 * n_exact : 2], rest[1 : 2 * n_exact : 2], strict=True):
+        parts[copy]["jpg"], parts[copy]["txt"] = parts[original]["jpg"], parts[original]["txt"]
+        exact[copy] = original
+    for key in (*swapped, *exact):
+        m = meta[key]
+        m["caption"] = parts[key]["txt"].decode()
+        m["sha256"] = hashlib.sha256(parts[key]["jpg"]).hexdigest()
+        if key in swapped:
+            m["caption_swapped_with"] = swapped[key]
+        else:
+            m["exact_duplicate_of"] = exact[key]
+        parts[key]["json"] = json.dumps(m, indent=4).encode()
+    for path, samples in shards.items():
+        _write_tar(path, [(key, parts[key]) for key, _ in samples])
+        table = pq.read_table(path[: -len(".tar")] + ".parquet").to_pylist()
+        for row in table:
+            if row["key"] in meta:
+                row["caption"], row["sha256"] = meta[row["key"]]["caption"], meta[row["key"]]["sha256"]
+        rows = pa.Table.from_pylist(table, schema=IMG2DATASET_PARQUET_SCHEMA)
+        _atomic_write(path[: -len(".tar")] + ".parquet", functools.partial(pq.write_table, rows))
+    return {"swapped": swapped, "exact": exact}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`cm3corpus demo-data`: write the demo corpus and print its summary as JSON."""
     parser = argparse.ArgumentParser(prog="cm3corpus demo-data", description=__doc__.splitlines()[0])

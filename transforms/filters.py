@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -131,7 +132,8 @@ def first_earlier(
 
 
 def histogram_bin(score: float) -> int:
-    return min(HIST_BINS - 1, max(0, int((score - HIST_LO) // HIST_WIDTH)))
+    """The bin of a score: [-1, -0.98) is 0, ..., [0.98, 1] is 99 (1.0 joins the last bin)."""
+    return min(HIST_BINS - 1, max(0, math.floor((score - HIST_LO) * HIST_BINS / 2.0)))
 
 
 class HistogramFn(beam.CombineFn):
