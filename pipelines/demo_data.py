@@ -484,8 +484,9 @@ def add_filter_cases(output: str, seed: int = 0, swapped_share: float = 0.05, ex
     """Give a demo corpus known cases for the corpus filters, recorded in each sample's JSON.
 
     Among image+text examples outside any near-duplicate pair, chosen by (seed, key):
-    - caption swaps: pairs exchange captions (`"caption_swapped_with": KEY`), so neither caption
-      describes its image any more (what `--min_clip_score` should catch);
+    - caption swaps: pairs whose first objects differ in shape and colour exchange captions
+      (`"caption_swapped_with": KEY`), so neither caption describes its image any more (what
+      `--min_clip_score` should catch);
     - exact re-uploads: an example takes another's image bytes and caption (`"exact_duplicate_of": KEY`).
     Tars and parquet are rewritten in place, byte-identical for the same arguments.
 
@@ -509,10 +510,22 @@ def add_filter_cases(output: str, seed: int = 0, swapped_share: float = 0.05, ex
     n_swap = 2 * int(swapped_share * len(parts) / 2)
     n_exact = int(exact_share * len(parts))
     swapped, exact = {}, {}
-    for a, b in zip(free[0:n_swap:2], free[1:n_swap:2], strict=True):
-        parts[a]["txt"], parts[b]["txt"] = parts[b]["txt"], parts[a]["txt"]
-        swapped[a], swapped[b] = b, a
-    rest = free[n_swap:]
+
+    def first_object(key: str) -> tuple[str, str]:
+        o = meta[key]["attributes"]["objects"][0]
+        return o["shape"], o["color"]
+
+    for a in free:  # each pair differs in the first object's shape and colour: a real mismatch
+        if len(swapped) >= n_swap:
+            break
+        if a in swapped:
+            continue
+        shape, color = first_object(a)
+        b = next((k for k in free if k != a and k not in swapped and not {shape, color} & set(first_object(k))), None)
+        if b is not None:
+            parts[a]["txt"], parts[b]["txt"] = parts[b]["txt"], parts[a]["txt"]
+            swapped[a], swapped[b] = b, a
+    rest = [k for k in free if k not in swapped]
     for copy, original in zip(rest[0 : 2 * n_exact : 2], rest[1 : 2 * n_exact : 2], strict=True):
         parts[copy]["jpg"], parts[copy]["txt"] = parts[original]["jpg"], parts[original]["txt"]
         exact[copy] = original

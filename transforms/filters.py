@@ -336,7 +336,7 @@ class FilterCorpus(beam.PTransform):
             )
             near = (
                 exact.kept
-                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
+                | "Batch" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
                 | "NearDuplicates"
                 >> beam.ParDo(_NearDuplicates(cfg.dedup_threshold), beam.pvalue.AsSingleton(bank)).with_outputs(
                     FILTERED, main="kept"
