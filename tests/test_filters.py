@@ -53,6 +53,34 @@ def test_clip_score_is_the_image_caption_cosine_and_only_for_pairs():
     assert filters.clip_score(emb("c", text=[1, 0, 0])) is None
 
 
+def test_pixel_hash_is_the_same_picture_in_any_lossless_format_and_only_that_picture():
+    import io
+
+    from PIL import Image
+
+    from schemas.records import RawSample
+    from transforms.validate import Budgets, validate
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+
+    def encoded(array, fmt):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format=fmt)
+        return buf.getvalue()
+
+    def image_hash(data):
+        return validate(RawSample("k", "s", parts={"png": data}), Budgets()).image_hash
+
+    png, bmp = encoded(pixels, "PNG"), encoded(pixels, "BMP")  # PNG kept as is, BMP re-encoded
+    assert png != bmp and image_hash(png) == image_hash(bmp) != ""
+    changed = pixels.copy()
+    changed[39, 29, 2] ^= 1
+    assert image_hash(encoded(changed, "PNG")) != image_hash(png)
+    assert image_hash(encoded(pixels.transpose(1, 0, 2).copy(), "PNG")) != image_hash(png)
+    assert validate(RawSample("t", "s", parts={"txt": b"caption"}), Budgets()).image_hash == ""
+
+
 def test_keep_order_puts_image_text_first_then_key_hash():
     keys = [f"k{i}" for i in range(20)]
     single = min(keys, key=stable_hash)
