@@ -69,8 +69,8 @@ def test_pixel_hash_is_the_same_picture_in_any_lossless_format_and_only_that_pic
         Image.fromarray(array).save(buf, format=fmt)
         return buf.getvalue()
 
-    def image_hash(data):
-        return validate(RawSample("k", "s", parts={"png": data}), Budgets()).image_hash
+    def image_hash(data, hashing=True):
+        return validate(RawSample("k", "s", parts={"png": data}), Budgets(hash_pixels=hashing)).image_hash
 
     png, bmp = encoded(pixels, "PNG"), encoded(pixels, "BMP")  # PNG kept as is, BMP re-encoded
     assert png != bmp and image_hash(png) == image_hash(bmp) != ""
@@ -78,7 +78,8 @@ def test_pixel_hash_is_the_same_picture_in_any_lossless_format_and_only_that_pic
     changed[39, 29, 2] ^= 1
     assert image_hash(encoded(changed, "PNG")) != image_hash(png)
     assert image_hash(encoded(pixels.transpose(1, 0, 2).copy(), "PNG")) != image_hash(png)
-    assert validate(RawSample("t", "s", parts={"txt": b"caption"}), Budgets()).image_hash == ""
+    assert validate(RawSample("t", "s", parts={"txt": b"caption"}), Budgets(hash_pixels=True)).image_hash == ""
+    assert image_hash(png, hashing=False) == ""  # only builds with --dedup_threshold pay for the hash
 
 
 def test_keep_order_puts_image_text_first_then_key_hash():

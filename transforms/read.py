@@ -118,7 +118,8 @@ def read_unit(unit: tuple[str, str], cfg) -> Iterator[RawSample | Reject]:
 
 
 def _budgets(cfg) -> Budgets:
-    return Budgets(cfg.max_image_pixels, cfg.max_image_bytes, cfg.min_image_side, cfg.max_caption_chars)
+    hash_pixels = cfg.dedup_threshold is not None  # only the exact-duplicate filter reads the hash
+    return Budgets(cfg.max_image_pixels, cfg.max_image_bytes, cfg.min_image_side, cfg.max_caption_chars, hash_pixels)
 
 
 def read_tar(url: str, budgets: Budgets) -> Iterator[RawSample | Reject]:

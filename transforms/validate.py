@@ -36,6 +36,7 @@ class Budgets:
     max_image_bytes: int = 32 * 2**20  # encoded bytes
     min_image_side: int = 8  # pixels
     max_caption_chars: int = 8192  # characters after stripping
+    hash_pixels: bool = False  # set Example.image_hash (the exact-duplicate filter); about 40% of a decode
 
 
 def safe_key(raw: str) -> str:
@@ -119,11 +120,11 @@ def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int, str]:
     except Exception as e:
         raise _Rejected("image_undecodable", describe_error(e)) from None
     if im.format in ("JPEG", "PNG") and im.mode == "RGB" and not animated and "transparency" not in im.info:
-        return data, width, height, pixel_hash(im)
+        return data, width, height, pixel_hash(im) if budgets.hash_pixels else ""
     rgb = to_rgb(im)
     out = io.BytesIO()
     rgb.save(out, format="PNG")
-    return out.getvalue(), width, height, pixel_hash(rgb)
+    return out.getvalue(), width, height, pixel_hash(rgb) if budgets.hash_pixels else ""
 
 
 PIXEL_HASH_ROWS = 512  # rows hashed per strip: never a second full copy of a large image's pixels
