@@ -268,11 +268,11 @@ def _render_report(fs, root: str, stats: dict) -> None:
         for d in (q, *q["neighbours"]):
             d["image"] = base64.b64decode(d["image"]) if d["image"] else None
     summary = {k: v for k, v in stats.items() if k != "counters"}
-    filters = f"{root}/{STAGING}/{FILTER_REPORT}"
-    if fs.exists(filters):
-        with fs.open(filters, "r") as f:
+    filters, filters_path = None, f"{root}/{STAGING}/{FILTER_REPORT}"
+    if fs.exists(filters_path):
+        with fs.open(filters_path, "r") as f:
             filters = json.load(f)
-    write_report(f"{root}/report.html", queries, summary, filters=filters if isinstance(filters, dict) else None)
+    write_report(f"{root}/report.html", queries, summary, filters=filters)
 
 
 def stats_from_counters(c: dict[str, int], seconds: float) -> dict:
