@@ -7,6 +7,7 @@ reader would take it for a finished one, and a rerun replaces the previous outpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import BuildConfig, CorpusOptions
 from schemas import artifacts
-from schemas.records import Reject
+from schemas.records import Example, Reject
 from transforms.assemble import JoinNeighbours
 from transforms.parquet_io import WriteSortedParquet, atomic_open
 from transforms.progress import counters
@@ -51,7 +52,7 @@ def _reject_sort_key(r: Reject) -> str:
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
-    from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows
+    from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows, file_view
     from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
     from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
     from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
@@ -60,6 +61,10 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     staging = f"{cfg.output}/{STAGING}"
     dim = clip_embed_dim(cfg.clip_model)
     examples, read_rejects = p | "Read" >> ReadExamples(units, cfg)
+    # No stage after this reads the JSON sidecar or the image size, and every branch below holds the
+    # examples (an in-process runner keeps them until the last branch has read them): a demo
+    # example's sidecar alone is a third of it.
+    examples = examples | "ForStages" >> beam.Map(_for_stages)
     embedded, embed_rejects = examples | "Embed" >> EmbedExamples.from_config(cfg)
     examples, embedded, filtered = (examples, embedded) | "Filter" >> FilterCorpus(
         FilterConfig.from_config(cfg),
@@ -72,8 +77,13 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     filtered | "WriteFiltered" >> WriteSortedParquet(
         f"{staging}/filtered", artifacts.FILTERED, filtered_rows, filtered_sort_key, prefix="filtered"
     )
-    embedded | "WriteEmbeddings" >> WriteSortedParquet(
-        f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, None, "embeddings", 20_000
+    (
+        embedded
+        | "EmbeddingRows" >> beam.Map(file_view)
+        | "WriteEmbeddings"
+        >> WriteSortedParquet(
+            f"{staging}/embeddings", artifacts.embeddings_schema(dim), embedding_rows, _key, None, "embeddings", 20_000
+        )
     )
     bank_dir = f"{staging}/memory_bank"
     # Held-out examples are queries but never documents: their sequences must not leak into
@@ -127,6 +137,10 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     rejects | "WriteRejects" >> WriteSortedParquet(
         f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, prefix="rejects"
     )
+
+
+def _for_stages(e: Example) -> Example:
+    return dataclasses.replace(e, width=0, height=0, meta="") if e.meta or e.width or e.height else e
 
 
 def _key(record) -> str:
@@ -220,7 +234,8 @@ class ReportSample(beam.PTransform):
         )
         docs = (
             examples
-            | "Docs" >> beam.Filter(lambda e, keys: e.key in keys, beam.pvalue.AsSingleton(wanted))
+            | "Thumbnails" >> beam.Map(_report_doc)  # waits for retrieval: thumbnails, not whole examples
+            | "Docs" >> beam.Filter(lambda d, keys: d[0] in keys, beam.pvalue.AsSingleton(wanted))
             | "DocList" >> beam.combiners.ToList()
         )
         return docs | "Write" >> beam.Map(
@@ -228,17 +243,24 @@ class ReportSample(beam.PTransform):
         )
 
 
+def _report_doc(e) -> tuple:
+    """(key, caption, report thumbnail JPEG or None, modality): what the report shows of a document."""
+    from transforms.report import thumbnail_jpeg
+
+    return e.key, e.caption, thumbnail_jpeg(e.image), e.modality
+
+
 def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
     import base64
 
     import fsspec
 
-    by_key = {d.key: d for d in docs}
+    by_key = {d[0]: d for d in docs}
 
     def doc(key: str) -> dict:
-        d = by_key.get(key)
-        image = base64.b64encode(d.image).decode() if d is not None and d.image is not None else None
-        return {"key": key, "caption": d.caption if d else None, "image": image, "modality": d.modality if d else ""}
+        _, caption, thumb, modality = by_key.get(key, (key, None, None, ""))
+        image = base64.b64encode(thumb).decode() if thumb is not None else None
+        return {"key": key, "caption": caption, "image": image, "modality": modality}
 
     queries = []
     for key in sorted(chosen, key=stable_hash):
@@ -255,9 +277,7 @@ def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
 
 
 def _render_report(fs, root: str, stats: dict) -> None:
-    import base64
-
-    from transforms.report import write_report
+    from transforms.report import DATA_URI, write_report
 
     sample = f"{root}/{STAGING}/{REPORT_SAMPLE}"
     if not fs.exists(sample):
@@ -266,7 +286,7 @@ def _render_report(fs, root: str, stats: dict) -> None:
         queries = json.load(f)
     for q in queries:
         for d in (q, *q["neighbours"]):
-            d["image"] = base64.b64decode(d["image"]) if d["image"] else None
+            d["image"] = DATA_URI + d["image"] if d["image"] else None  # the sample holds report thumbnails
     summary = {k: v for k, v in stats.items() if k != "counters"}
     filters, filters_path = None, f"{root}/{STAGING}/{FILTER_REPORT}"
     if fs.exists(filters_path):

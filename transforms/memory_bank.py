@@ -436,6 +436,11 @@ def _entry(e: EmbeddedExample, num_parts: int):
     return _part_of(e.key, num_parts), (e.key, e.modality, vec)
 
 
+def _document(e: EmbeddedExample) -> EmbeddedExample:
+    """What the bank reads of an example: key, modality and document vector."""
+    return EmbeddedExample(e.key, None, e.modality, doc_emb=e.doc_emb)
+
+
 def _sample_entry(e: EmbeddedExample, seed: int):
     # The lowest hashes form the sample: deterministic and order-free, unlike Sample.FixedSizeGlobally.
     return -stable_hash(f"{seed}\x00{e.key}"), np.asarray(e.doc_emb, dtype=np.float32)
@@ -524,6 +529,7 @@ class BuildMemoryBank(beam.PTransform):
 
     def expand(self, examples):
         side = beam.pvalue
+        examples = examples | "Documents" >> beam.Map(_document)  # held until the part count is known
         total = examples | "Count" >> beam.combiners.Count.Globally()
         num_parts = total | "NumParts" >> beam.Map(lambda n, fixed: fixed or max(1, -(-n // PART_DOCS)), self._parts)
         entries = examples | "ToParts" >> beam.Map(_entry, side.AsSingleton(num_parts))

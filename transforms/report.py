@@ -17,6 +17,7 @@ from typing import Any
 from transforms.parquet_io import atomic_open
 
 THUMB_SIDE = 128  # px, longest side of an embedded thumbnail
+DATA_URI = "data:image/jpeg;base64,"
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -42,8 +43,8 @@ border-radius:4px;overflow:hidden;color:#999;font-size:12px}
 """
 
 
-def thumbnail_uri(image: bytes | None, side: int = THUMB_SIDE) -> str | None:
-    """A `data:image/jpeg;base64,...` thumbnail of encoded image bytes; None when absent or undecodable."""
+def thumbnail_jpeg(image: bytes | None, side: int = THUMB_SIDE) -> bytes | None:
+    """The JPEG thumbnail of encoded image bytes that the report embeds; None when absent or undecodable."""
     if not image:
         return None
     from PIL import Image
@@ -56,15 +57,22 @@ def thumbnail_uri(image: bytes | None, side: int = THUMB_SIDE) -> str | None:
             im.save(buf, format="JPEG", quality=85)
     except Exception:  # the report must not fail on one odd image
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def thumbnail_uri(image: bytes | None, side: int = THUMB_SIDE) -> str | None:
+    """A `data:image/jpeg;base64,...` thumbnail of encoded image bytes; None when absent or undecodable."""
+    jpeg = thumbnail_jpeg(image, side)
+    return None if jpeg is None else DATA_URI + base64.b64encode(jpeg).decode("ascii")
 
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _image(image: bytes | None) -> str:
-    uri = thumbnail_uri(image)
+def _image(image: bytes | str | None) -> str:
+    # A str is a thumbnail made earlier (the build's sample carries thumbnails, not whole images).
+    uri = image if isinstance(image, str) and image.startswith(DATA_URI) else thumbnail_uri(image)
     return f'<div class="img"><img src="{uri}" alt=""></div>' if uri else '<div class="img">no image</div>'
 
 
@@ -121,7 +129,7 @@ def render_report(
     """The report page as an HTML string.
 
     Args:
-        queries: sample queries, each `{"key", "caption", "image" (encoded bytes or None), "modality",
+        queries: sample queries, each `{"key", "caption", "image" (encoded bytes, a `thumbnail_uri`, or None), "modality",
             "neighbours": [{"key", "caption", "image", "score", "via", "modality", "rank"}, ...]}`,
             neighbours in rank order.
         counts: run counts to show (e.g. stats.json); nested dicts become "outer / inner" rows.

@@ -54,7 +54,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas.artifacts import NEIGHBOURS, RETRIEVAL_COUNTS
-from schemas.records import IMAGE_TEXT, EmbeddedExample, Neighbour
+from schemas.records import IMAGE_TEXT, EmbeddedExample, Neighbour, packed
 from transforms.parquet_io import WriteSortedParquet
 
 VIAS = ("image", "text")
@@ -97,6 +97,9 @@ class RetrievalCounts:
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
+
+    def __reduce__(self):  # class and values: a pickled slotted dataclass is twice the size
+        return packed(self)
 
 
 @dataclass(slots=True)
@@ -343,6 +346,15 @@ def retrieve_batch(
     return neighbours, counts
 
 
+def query_view(e: EmbeddedExample) -> EmbeddedExample:
+    """What retrieval reads of an example (its queries and its document vector): no caption, no text_emb.
+
+    The batches wait for the bank, which an in-process runner builds after embedding everything, so
+    they are held whole in the meantime.
+    """
+    return EmbeddedExample(e.key, None, e.modality, e.image_emb, None, e.doc_emb, e.query_text_emb)
+
+
 def _vias_of(e: EmbeddedExample) -> list[str]:
     return [via for via, v in (("image", e.image_emb), ("text", e.query_text_emb)) if v is not None]
 
@@ -426,6 +438,7 @@ class Retrieve(beam.PTransform):
         dofn = RetrieveDoFn(self._bank if fixed else None, self._rules)
         return (
             examples
+            | "Queries" >> beam.Map(query_view)
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
             | "SearchAndSelect" >> beam.ParDo(dofn, *side).with_outputs(COUNTS, main="neighbours")
         )

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.records import packed
 from transforms.parquet_io import write_bytes
 from transforms.rng import stable_hash
 
@@ -48,6 +49,9 @@ class ShardSample:
     key: str  # WebDataset key: no dots, no slashes
     tokens: Any  # (T,) int32 token ids
     json: dict  # per-sample metadata (query key, neighbour keys, spans, ...), JSON-serialisable
+
+    def __reduce__(self):  # compact across fusion breaks, as schemas/records.py explains
+        return packed(self)
 
 
 @dataclass(slots=True)
