@@ -1,29 +1,40 @@
-"""Demo builds of growing size: does the cost per example stay flat, and memory stay put but for the bank?
+"""Builds of growing size: does the cost per example stay flat, and memory stay put but for the bank?
 
-    python benchmarks/bench_scale.py                    # 1k, 2k, 4k, 8k examples
-    python benchmarks/bench_scale.py --sizes 1000,4000,16000
+    python benchmarks/bench_scale.py                    # 1k, 2k, 4k, 8k examples at demo settings
+    python benchmarks/bench_scale.py --sizes 1000,4000,16000,64000
     python benchmarks/bench_scale.py --quick            # 500, 1k, 2k
+    python benchmarks/bench_scale.py --defaults         # the defaults (CM3Leon shape), 256 px images, 200 and 400
+    python benchmarks/bench_scale.py --held             # also what the runner holds, per PCollection (slower)
 
 The default stops at 8k because a 16k build took over 5 minutes on the 2-core development machine
-(4k took 114 s there while other jobs shared the cores).
+(4k took 114 s there while other jobs shared the cores); 64k takes most of an hour there.
 
 For each size the demo corpus (`pipelines.demo_data.write_demo_corpus`, 250 examples per tar as
-`cm3corpus demo`) is written, then built by `pipelines.build_corpus.run` with the demo CLIP and
-`pipelines.demo.demo_build_flags()` on the DirectRunner, in a child process of its own. Reported per size:
+`cm3corpus demo`, 64 px images or `--image_size`) is written, then built by `pipelines.build_corpus.run`
+with the demo CLIP on the in-process DirectRunner, in a child process of its own: with
+`pipelines.demo.demo_build_flags()`, or with `--defaults` at the build's own defaults (8,192 codes,
+1,024 tokens per 256 px image, 56,320 BPE entries, 4,096-token sequences) but the demo CLIP, since no
+hub can be reached. Reported per size:
 
 - build s: the child's wall time (interpreter start, imports, model load and the pipeline); pipeline s:
   `stats.json`'s `seconds`; ms/example of both;
 - peak RSS: `ru_maxrss` of the child and the children it waited for, from `os.wait4` on that child
   alone (the same figure `getrusage(RUSAGE_CHILDREN)` gives, per child);
 - bank: the size of `memory_bank/index.faiss` (the one artifact that must sit whole in memory);
-- per-stage ms/example: Beam's own `ptransform_execution_time/total_msecs` per PTransform (sampled by the
-  SDK harness), summed by the top-level stage label of `build_corpus.build_pipeline`.
+- token bytes: the shards' int32 tokens per written example (`shards/manifest.json`);
+- per-stage seconds: Beam's own `ptransform_execution_time/total_msecs` per PTransform (sampled by the
+  SDK harness), summed by the top-level stage label of `build_corpus.build_pipeline`;
+- the per-example memory slope: peak RSS growth per example between the two largest sizes, and the
+  least-squares slope over all sizes, each less the bank's own growth;
+- with `--held`, `benchmarks/held.py`'s table: the encoded bytes per example of every PCollection the
+  runner materialised, and what it held at once at most.
 
 The last line of output is `RESULT {json}` for `benchmarks/run_all.py`.
 
-Mind that the DirectRunner keeps every PCollection of a fused stage boundary (each GroupByKey, side
-input and Flatten) in memory, so its peak RSS grows with the corpus whatever the pipeline does; the
-per-example growth printed here is that runner cost plus any stage that gathers data on one worker.
+Mind that the in-process DirectRunner keeps every PCollection of a fused stage boundary (each
+GroupByKey, side input and Flatten) in memory, so its peak RSS grows with the corpus whatever the
+pipeline does; the per-example growth printed here is that runner cost plus any stage that gathers
+data on one worker. Timings swing with the machine's load, printed per size.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MS_PER_EXAMPLE_TARGET = 1.10  # pipeline ms/example at the largest size over the next one: flat or falling
 JUDGE_FROM = 4000  # the flatness target applies when the largest size has at least this many examples
 STAGE_MS = "metric:ptransform_execution_time:total_msecs:v1"
+SLOPE_TARGET_KIB = {"demo": 8.0}  # peak RSS growth per example, bank excepted (issue 15); defaults: 2x tokens + 4
 
 
 def stage_msecs(result) -> dict[str, int]:
@@ -60,10 +72,18 @@ def stage_msecs(result) -> dict[str, int]:
     return dict(per_stage)
 
 
-def build_child(data: str, output: str) -> None:
-    """In the child: build `data` into `output`, print one JSON line with the stats and stage times."""
-    from pipelines import build_corpus
+def build_flags(settings: str) -> list[str]:
+    """The build flags of a settings name: `demo` (the demo's) or `defaults` (the build's, demo CLIP)."""
     from pipelines.demo import demo_build_flags
+
+    return demo_build_flags() if settings == "demo" else ["--clip_model=demo"]
+
+
+def build_child(data: str, output: str, settings: str, held: bool) -> None:
+    """In the child: build `data` into `output`, print one JSON line with the stats and stage times."""
+    import contextlib
+
+    from pipelines import build_corpus
 
     captured: dict = {}
     counters = build_corpus.counters
@@ -73,21 +93,49 @@ def build_child(data: str, output: str) -> None:
         return counters(result)
 
     build_corpus.counters = counters_and_stages
-    stats = build_corpus.run(["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *demo_build_flags()])
-    print(json.dumps({"stats": stats, "stages": captured.get("stages", {})}), flush=True)
+    watching = contextlib.nullcontext()
+    if held:
+        from benchmarks.held import watch
+
+        watching = watch()
+    argv = ["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *build_flags(settings)]
+    with watching as seen:
+        stats = build_corpus.run(argv)
+    got = {"stats": stats, "stages": captured.get("stages", {})}
+    if held:
+        n = max(1, stats["examples_read"])
+        print(seen.table(n), file=sys.stderr, flush=True)
+        got["held"] = {
+            "per_example": {k: round(v / n) for k, v in sorted(seen.sizes.items(), key=lambda kv: -kv[1]) if v},
+            "peak_total_per_example": round(seen.peak_total / n),
+            "peak_after": seen.peak_after,
+        }
+    print(json.dumps(got), flush=True)
 
 
-def measure(size: int, workdir: str) -> dict:
+def _token_bytes(output: str) -> float:
+    """int32 token bytes per written sample, from the shards' manifests (training and held-out)."""
+    tokens = samples = 0
+    for manifest in Path(output, "shards").rglob("manifest.json"):
+        total = json.loads(manifest.read_text())["total"]
+        tokens, samples = tokens + total["tokens"], samples + total["samples"]
+    return 4 * tokens / max(1, samples)
+
+
+def measure(size: int, workdir: str, settings: str = "demo", image_size: int = 64, held: bool = False) -> dict:
     """Write the demo corpus of `size` examples, build it in a child process, return its figures."""
     from pipelines.demo_data import write_demo_corpus
 
-    data, output, log = f"{workdir}/data-{size}", f"{workdir}/corpus-{size}", f"{workdir}/build-{size}.log"
+    tag = f"{settings}-{image_size}px-{size}"
+    data, output, log = f"{workdir}/data-{tag}", f"{workdir}/corpus-{tag}", f"{workdir}/build-{tag}.log"
     t0 = time.perf_counter()
-    write_demo_corpus(data, num_examples=size, seed=0, image_size=64, shard_size=250)
+    if not Path(data).exists():
+        write_demo_corpus(data, num_examples=size, seed=0, image_size=image_size, shard_size=250)
     data_s = time.perf_counter() - t0
+    cmd = [sys.executable, __file__, "--_build", data, output, "--settings", settings] + (["--held"] if held else [])
     with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "--_build", data, output], stdout=out, stderr=err)
+        child = subprocess.Popen(cmd, stdout=out, stderr=err)
         # wait4 on this pid: its rusage covers this child and its reaped descendants only.
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -100,13 +148,17 @@ def measure(size: int, workdir: str) -> dict:
     stats = got["stats"]
     return {
         "size": size,
+        "settings": settings,
+        "image_size": image_size,
         "written": stats["examples_written"],
         "data_s": data_s,
         "build_s": wall,
         "pipeline_s": stats["seconds"],
         "peak_rss": usage.ru_maxrss * 1024,  # KiB on Linux
         "bank_bytes": os.path.getsize(f"{output}/memory_bank/index.faiss"),
+        "token_bytes": _token_bytes(output),
         "stages_ms": got["stages"],
+        "held": got.get("held"),
         "load_avg_1m": os.getloadavg()[0],  # the machine may be shared: timings swing with its load
     }
 
@@ -115,37 +167,67 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB"
 
 
+def slopes(results: list[dict]) -> dict:
+    """Peak RSS growth per example, bank excepted: between the two largest sizes, and least squares over all."""
+    if len(results) < 2:
+        return {}
+    a, b = results[-2], results[-1]
+    step = ((b["peak_rss"] - b["bank_bytes"]) - (a["peak_rss"] - a["bank_bytes"])) / (b["size"] - a["size"])
+    xs = [r["size"] for r in results]
+    ys = [r["peak_rss"] - r["bank_bytes"] for r in results]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    fit = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    bank = (b["bank_bytes"] - results[0]["bank_bytes"]) / (b["size"] - results[0]["size"])
+    return {"last_step": step, "least_squares": fit, "bank": bank}
+
+
+def slope_target(results: list[dict]) -> float:
+    """Bytes per example the slope should stay under: 8 KiB at demo settings, 2x token bytes + 4 KiB at defaults."""
+    if results[-1]["settings"] == "demo":
+        return SLOPE_TARGET_KIB["demo"] * 1024
+    return 2 * results[-1]["token_bytes"] + 4096
+
+
 def tables(results: list[dict]) -> str:
-    """The size table and the per-stage table (ms per example), markdown."""
+    """The size table, the slope, and the per-stage table (seconds), markdown."""
     lines = [
-        "| examples | build s | pipeline s | build ms/example | pipeline ms/example | peak RSS | bank (index.faiss) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| examples | build s | pipeline s | build ms/example | pipeline ms/example | peak RSS | bank (index.faiss) "
+        "| token bytes/example |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r['size']:,} | {r['build_s']:.1f} | {r['pipeline_s']:.1f} | {1000 * r['build_s'] / r['size']:.2f} | "
-            f"{1000 * r['pipeline_s'] / r['size']:.2f} | {_mib(r['peak_rss'])} | {_mib(r['bank_bytes'])} |"
+            f"{1000 * r['pipeline_s'] / r['size']:.2f} | {_mib(r['peak_rss'])} | {_mib(r['bank_bytes'])} "
+            f"| {r['token_bytes']:,.0f} |"
         )
     if len(results) > 1:
         a, b = results[0], results[-1]
-        grow = (b["peak_rss"] - a["peak_rss"]) / (b["size"] - a["size"])
-        bank = (b["bank_bytes"] - a["bank_bytes"]) / (b["size"] - a["size"])
         marginal = (b["pipeline_s"] - a["pipeline_s"]) / (b["size"] - a["size"])
+        sl = slopes(results)
         lines.append("")
         lines.append(
-            f"Marginal cost {1000 * marginal:.2f} ms/example; peak RSS grows {grow / 1024:.1f} KiB per example, "
-            f"of which the bank {bank / 1024:.2f} KiB."
+            f"Marginal cost {1000 * marginal:.2f} ms/example. Peak RSS grows {sl['last_step'] / 1024:.1f} KiB per "
+            f"example between the two largest sizes ({sl['least_squares'] / 1024:.1f} KiB least squares over all), "
+            f"the bank's {sl['bank'] / 1024:.2f} KiB excepted; target {slope_target(results) / 1024:.1f} KiB."
         )
     # Beam's own ref_PCollection_* steps (runner plumbing) and stages that never took a sampled msec are left out.
     named = {s for r in results for s, ms in r["stages_ms"].items() if ms and not s.startswith("ref_")}
     stages = sorted(named, key=lambda s: -results[-1]["stages_ms"].get(s, 0))
     if stages:
-        lines += ["", "Per stage, ms/example (Beam's sampled ptransform execution time):", ""]
+        lines += ["", "Per stage, seconds (Beam's sampled ptransform execution time):", ""]
         lines.append("| stage | " + " | ".join(f"{r['size']:,}" for r in results) + " |")
         lines.append("| --- |" + " --- |" * len(results))
         for s in stages:
-            cells = " | ".join(f"{r['stages_ms'].get(s, 0) / r['size']:.2f}" for r in results)
+            cells = " | ".join(f"{r['stages_ms'].get(s, 0) / 1000:.1f}" for r in results)
             lines.append(f"| {s} | {cells} |")
+    held = [r for r in results if r.get("held")]
+    if held:
+        r = held[-1]
+        lines += ["", f"What the runner materialised at {r['size']:,} examples, encoded bytes per example:", ""]
+        lines += ["| PCollection | bytes/example |", "| --- | --- |"]
+        lines += [f"| {k} | {v:,} |" for k, v in list(r["held"]["per_example"].items())[:25]]
+        lines.append(f"| held at once at most | {r['held']['peak_total_per_example']:,} |")
     return "\n".join(lines)
 
 
@@ -176,32 +258,59 @@ def result_rows(results: list[dict]) -> list[dict]:
             "target": "report (DirectRunner holds PCollections)",
             "pass": None,
         },
+    ] + _slope_row(results)
+
+
+def _slope_row(results: list[dict]) -> list[dict]:
+    if len(results) < 2:
+        return []
+    step, target = slopes(results)["last_step"], slope_target(results)
+    return [
+        {
+            "stage": f"scale: peak RSS growth per example, {results[-1]['settings']} settings",
+            "baseline": f"{results[-2]['size']:,} -> {results[-1]['size']:,} examples, bank excepted",
+            "figure": f"{step / 1024:.1f} KiB",
+            "ratio": round(step / target, 2),
+            "target": f"<= {target / 1024:.1f} KiB",
+            "pass": step <= target,
+        }
     ]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1000,2000,4000,8000", help="comma-separated corpus sizes")
+    ap.add_argument("--sizes", default=None, help="comma-separated corpus sizes (default 1k-8k; --defaults 200,400)")
     ap.add_argument("--workdir", default=None, help="keep the data and corpora here (default: a temp folder)")
     ap.add_argument("--quick", action="store_true", help="sizes 500, 1000, 2000")
+    ap.add_argument("--defaults", action="store_true", help="the build's default settings with 256 px images")
+    ap.add_argument("--image_size", type=int, default=None, help="demo image side (64; 256 with --defaults)")
+    ap.add_argument("--held", action="store_true", help="also size what the runner holds per PCollection (slower)")
     ap.add_argument("--_build", nargs=2, metavar=("DATA", "OUTPUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--settings", default="demo", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._build:
-        build_child(*args._build)
+        build_child(*args._build, args.settings, args.held)
         return 0
-    sizes = [500, 1000, 2000] if args.quick else [int(s) for s in args.sizes.split(",") if s]
+    settings = "defaults" if args.defaults else "demo"
+    image_size = args.image_size or (256 if args.defaults else 64)
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+    elif args.quick:
+        sizes = [100, 200] if args.defaults else [500, 1000, 2000]
+    else:
+        sizes = [200, 400] if args.defaults else [1000, 2000, 4000, 8000]
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
         results = []
         for size in sizes:
-            r = measure(size, workdir)
+            r = measure(size, workdir, settings, image_size, args.held)
             results.append(r)
             print(
-                f"{size:,} examples: data {r['data_s']:.1f} s, build {r['build_s']:.1f} s "
-                f"(pipeline {r['pipeline_s']:.1f} s), peak RSS {_mib(r['peak_rss'])}, bank {_mib(r['bank_bytes'])}, "
-                f"load average {r['load_avg_1m']:.1f}",
+                f"{size:,} examples ({settings} settings, {image_size} px): data {r['data_s']:.1f} s, build "
+                f"{r['build_s']:.1f} s (pipeline {r['pipeline_s']:.1f} s), peak RSS {_mib(r['peak_rss'])}, "
+                f"bank {_mib(r['bank_bytes'])}, load average {r['load_avg_1m']:.1f}",
                 flush=True,
             )
     print(tables(results))
