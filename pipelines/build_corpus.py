@@ -295,6 +295,31 @@ def _render_report(fs, root: str, stats: dict) -> None:
     write_report(f"{root}/report.html", queries, summary, filters=filters)
 
 
+MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's own starting value, kept fixed
+
+
+def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Keep glibc's mmap threshold fixed, so every large buffer is its own mapping, unmapped when freed.
+
+    glibc raises the threshold each time a mapped block is freed (up to 32 MiB). The in-process
+    runner frees multi-megabyte buffers all the time (10 MiB data-plane chunks, encoded groupings,
+    model batches); after that they come from the heap, between records that stay, and the heap
+    never shrinks. Measured on a 1k and 4k demo build: peak RSS grew 69 KiB per example with the
+    sliding threshold, 27 KiB with it fixed (benchmarks/results/2026-12-06-memory.md). Returns
+    whether it was set: not where MALLOC_MMAP_THRESHOLD_ already sets it, or off glibc.
+    """
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def stats_from_counters(c: dict[str, int], seconds: float) -> dict:
     """The run summary: read == written + rejected + filtered, from the pipeline's counters."""
     by_reason = {k.split("/", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("rejected/") and v}
@@ -359,6 +384,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from transforms import sequences
 
     sequences.forget_loaded()  # an in-process runner reuses this module: last run's tokenizers are stale
+    fixed_mmap_threshold()
     fs, root = fsspec.core.url_to_fs(cfg.output)
     if fs.exists(f"{root}/{STAGING}"):  # left by an interrupted run: start its staging afresh
         fs.rm(f"{root}/{STAGING}", recursive=True)
