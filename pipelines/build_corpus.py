@@ -295,7 +295,7 @@ def _render_report(fs, root: str, stats: dict) -> None:
     write_report(f"{root}/report.html", queries, summary, filters=filters)
 
 
-MMAP_THRESHOLD = 128 * 1024  # bytes: glibc's own starting value, kept fixed
+MMAP_THRESHOLD = 2**20  # bytes; the sliding threshold starts at 128 KiB and climbs to 32 MiB
 
 
 def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
@@ -304,9 +304,10 @@ def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     glibc raises the threshold each time a mapped block is freed (up to 32 MiB). The in-process
     runner frees multi-megabyte buffers all the time (10 MiB data-plane chunks, encoded groupings,
     model batches); after that they come from the heap, between records that stay, and the heap
-    never shrinks. Measured on a 1k and 4k demo build: peak RSS grew 69 KiB per example with the
-    sliding threshold, 27 KiB with it fixed (benchmarks/results/2026-12-06-memory.md). Returns
-    whether it was set: not where MALLOC_MMAP_THRESHOLD_ already sets it, or off glibc.
+    never shrinks. Measured between a 1k and a 4k demo build: peak RSS grew 69 KiB per example with
+    the sliding threshold, 26 KiB fixed at 1 MiB (27 at 128 KiB, 44 at 4 MiB; see
+    benchmarks/results/2026-12-06-memory.md). Returns whether it was set: not where
+    MALLOC_MMAP_THRESHOLD_ already sets it, nor off glibc.
     """
     import ctypes
     import os
