@@ -17,6 +17,10 @@ these figures, only in RSS. Use it on small builds: sizing costs a pass over the
     with watch() as held:
         build_corpus.run([...])
     print(held.table(num_examples))
+
+`python -m benchmarks.held [PAYLOAD_BYTES]` measures the runner's own cost with no pipeline code: the
+peak RSS growth per element of PAYLOAD_BYTES (default 2,000) that it streams, holds for a side input,
+or groups (`runner_cost`). Set MALLOC_MMAP_THRESHOLD_=1048576 to see it with the build's setting.
 """
 
 from __future__ import annotations
@@ -194,3 +198,50 @@ def watch(rss_every_s: float = 0.05):
         stop.set()
         sampler.join()
         fn_runner.FnApiRunner._execute_bundle = original
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runner's own cost: RSS per element that the in-process DirectRunner holds, with no pipeline code.
+
+_RUNNER_COST = """
+import os, resource, sys
+import apache_beam as beam
+n, size, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+with beam.Pipeline() as p:
+    xs = p | beam.Create(range(n)) | "Payload" >> beam.Map(lambda i: (f"k{i:08d}", os.urandom(size)))
+    if mode == "side_input_wait":  # held whole until a count over it is known, as KeyedBatches does
+        count = xs | "Count" >> beam.combiners.Count.Globally()
+        out = xs | "Use" >> beam.Map(lambda kv, c: len(kv[1]) + c, beam.pvalue.AsSingleton(count))
+    elif mode == "group_by_key":
+        grouped = xs | "Key" >> beam.Map(lambda kv: (hash(kv[0]) % 64, kv)) | "Group" >> beam.GroupByKey()
+        out = grouped | "Use" >> beam.Map(lambda kv: sum(len(v[1]) for v in kv[1]))
+    else:  # streamed through one fused stage: nothing held
+        out = xs | "Use" >> beam.Map(lambda kv: len(kv[1]))
+    out | "Total" >> beam.combiners.Count.Globally()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def runner_cost(sizes=(10_000, 40_000), payload: int = 2000) -> dict[str, float]:
+    """Peak RSS growth per element (bytes) of `payload`-byte elements the runner holds, by how it holds them."""
+    import subprocess
+    import sys
+
+    out = {}
+    for mode in ("streamed", "side_input_wait", "group_by_key"):
+        rss = []
+        for n in sizes:
+            run = subprocess.run(
+                [sys.executable, "-c", _RUNNER_COST, str(n), str(payload), mode], capture_output=True, text=True
+            )
+            rss.append(int(run.stdout.split()[-1]))
+        out[mode] = (rss[-1] - rss[0]) / (sizes[-1] - sizes[0])
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    payload = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    for mode, per in runner_cost(payload=payload).items():
+        print(f"{mode}: peak RSS grows {per:,.0f} bytes per {payload:,}-byte element ({per / payload:.1f}x)")
