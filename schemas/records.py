@@ -58,18 +58,22 @@ def unpacked(cls, *values):
 # The fixed vocabulary of reject reasons. `rejects/*.parquet` holds only these; the `detail`
 # column carries the specifics (the exception text, the measured size, ...).
 REJECT_REASONS = (
-    "image_undecodable",  # not an image, truncated, or the decoder failed
+    "image_undecodable",  # not an image, not an allowed format (validate.ALLOWED_FORMATS), truncated, or the decoder failed
     "image_too_large",  # over the pixel or byte budget (decompression bombs land here, undecoded)
     "image_too_small",  # a side below --min_image_side
     "caption_not_utf8",  # caption bytes are not valid UTF-8
-    "caption_too_long",  # caption over --max_caption_chars
+    "caption_too_long",  # caption over --max_caption_chars (its member or file over the caption budget)
+    "member_too_large",  # a tar member or file that is neither image nor caption (a .json sidecar, a .bin) over its budget
+    "sample_too_large",  # one key's tar members together over the sample budget, or too many members
+    "duplicate_member",  # two members of one sample give the same part (`k.JPG` beside `k.jpg`): never overwritten
     "empty_example",  # neither a usable image nor a non-empty caption
     "duplicate_key",  # a key seen before; the first occurrence (by source order) is kept
     "unsafe_member",  # symlink, hard link, device, absolute or `..` member name, key with odd characters
     "shard_unreadable",  # a shard that is not a tar or is cut short; whole samples before the damage are kept
     "missing_file",  # a manifest row whose image path does not exist
+    "unsupported_url",  # a path whose fsspec protocol is unknown or whose package is not installed (http://, sftp://)
     "not_regular_file",  # a folder or manifest path that is a symlink, FIFO, device or folder: never read
-    "bad_manifest_row",  # a manifest row without the configured columns, or unparsable
+    "bad_manifest_row",  # a manifest row without the configured columns, unparsable, not UTF-8, or over the row budget
     "stage_error",  # an unexpected exception while processing this example in a later stage
 )
 

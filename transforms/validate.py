@@ -2,14 +2,20 @@
 
 The policy, one rule per line (README "Input policy" repeats it for users):
 - caption bytes must be UTF-8 (else `caption_not_utf8`); surrounding white space is stripped;
-  an empty caption counts as absent; over `max_caption_chars` is `caption_too_long`.
+  an empty or white-space-only caption (of any length) counts as absent; over `max_caption_chars`
+  is `caption_too_long`.
 - an encoded image over `max_image_bytes`, or whose header declares more than `max_image_pixels`,
   is `image_too_large`, decided from the header alone so a decompression bomb is never decoded.
 - a side under `min_image_side` is `image_too_small`; anything PIL cannot fully decode (not an
-  image, truncated data) is `image_undecodable`.
+  image, truncated data) is `image_undecodable`, and so is any format outside `ALLOWED_FORMATS`:
+  Pillow picks its decoder from the bytes, not the name, so a `.jpg` may hold TGA, PCX, SGI, DDS,
+  JPEG 2000, ICO, ICNS, EPS (Ghostscript) or FITS; those decoders never run.
+- the EXIF orientation is applied (`ImageOps.exif_transpose`), so a photo stands the way it was
+  taken; such an image is re-encoded as PNG.
 - plain RGB JPEG/PNG keep their original bytes. Other modes are normalised to RGB and re-encoded
-  as PNG: CMYK is converted, 16-bit and float images are scaled to 8 bits, palette and alpha images
-  are flattened onto white, animated images keep their first frame.
+  as PNG: CMYK is converted, 16-bit and float images are scaled to 8 bits (a band of rows at a time,
+  so the extra memory is bounded whatever the size), palette and alpha images are flattened onto
+  white, animated images keep their first frame.
 - a sample with neither a usable image nor a caption is `empty_example`; one with either is kept,
   with its modality recorded.
 """
@@ -25,7 +31,10 @@ from schemas.records import Example, RawSample, Reject
 
 # Where a sample keeps its image: "image" for manifest rows, else the member or file extension.
 IMAGE_PARTS = ("image", "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# The decoders Pillow may run: the formats of IMAGE_PARTS' extensions, whatever the name says.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9_\-]")
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,16 @@ def safe_key(raw: str) -> str:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def printable(text: str) -> str:
+    """`text` safe to write as UTF-8: bytes that were not UTF-8 (kept by Python as lone surrogates,
+    as tar member names and file names are) become `\\xNN` escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def describe_error(e: BaseException) -> str:
@@ -81,8 +100,7 @@ def validate(sample: RawSample, budgets: Budgets, caption_ext: str = "txt") -> E
 def _caption(data: bytes | None, budgets: Budgets) -> str | None:
     if data is None:
         return None
-    if len(data) > 4 * budgets.max_caption_chars:  # UTF-8 is at most 4 bytes a character
-        raise _Rejected("caption_too_long", f"{len(data)} bytes")
+    # No byte pre-check: the reader bounds a caption part, and white space of any length is no caption.
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,17 +112,21 @@ def _caption(data: bytes | None, budgets: Budgets) -> str | None:
 
 
 def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int, str]:
-    from PIL import Image
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if len(data) > budgets.max_image_bytes:
         raise _Rejected("image_too_large", f"{len(data)} bytes > {budgets.max_image_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # reads the header only
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:
         raise _Rejected("image_too_large", str(e)) from None
-    except Exception as e:  # PIL raises many types for non-images
+    except UnidentifiedImageError:
+        raise _Rejected(
+            "image_undecodable", f"not an image of an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except Exception as e:  # PIL raises many types for broken headers
         raise _Rejected("image_undecodable", describe_error(e)) from None
     width, height = im.size
     if width * height > budgets.max_image_pixels:
@@ -119,8 +141,19 @@ def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int, str]:
             im.load()
     except Exception as e:
         raise _Rejected("image_undecodable", describe_error(e)) from None
-    if im.format in ("JPEG", "PNG") and im.mode == "RGB" and not animated and "transparency" not in im.info:
+    try:
+        orientation = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block is no orientation
+        orientation = 1
+    upright = orientation in (None, 1)
+    if upright and im.format in ("JPEG", "PNG") and im.mode == "RGB" and not animated and "transparency" not in im.info:
         return data, width, height, pixel_hash(im) if budgets.hash_pixels else ""
+    if not upright:
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception as e:
+            raise _Rejected("image_undecodable", f"EXIF orientation {orientation}: {describe_error(e)}") from None
+        width, height = im.size
     rgb = to_rgb(im)
     out = io.BytesIO()
     rgb.save(out, format="PNG")
@@ -147,9 +180,18 @@ def to_rgb(im):
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        # A band of rows at a time: a whole float64 copy would be 8 bytes a pixel (512 MB at the default
+        # 64 Mpx budget) on top of the decoded image; the band keeps the extra to about 8 MB.
+        arr = np.asarray(im)
+        band = max(1, 2**20 // max(1, im.width))
+        top = 65535.0 if im.mode.startswith("I;16") else 255.0
+        if top == 255.0 and any(arr[i : i + band].max() > 255 for i in range(0, im.height, band)):
+            top = 65535.0
+        out = np.empty(arr.shape[:2], np.uint8)
+        for i in range(0, im.height, band):
+            out[i : i + band] = np.clip(arr[i : i + band].astype(np.float64) / top * 255.0 + 0.5, 0, 255)
+        del arr
+        im = Image.fromarray(out)
     if im.mode == "P" or im.mode == "PA" or im.mode == "LA" or "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode == "RGBA":
