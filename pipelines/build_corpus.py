@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import BuildConfig, CorpusOptions
+from pipelines.options import BuildConfig, CorpusOptions, resolve_inputs
 from schemas import artifacts
 from schemas.records import Example, Reject
 from transforms.assemble import JoinNeighbours
@@ -24,6 +24,7 @@ from transforms.parquet_io import WriteSortedParquet, atomic_open
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
 from transforms.rng import is_held_out, stable_hash
+from transforms.validate import printable
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -43,7 +44,8 @@ FILTER_REPORT = "filter_report.json"  # staged by FilterCorpus: CLIP-score histo
 
 
 def _reject_rows(r: Reject) -> list[dict]:
-    return [{"key": r.key, "source": r.source, "reason": r.reason, "detail": r.detail}]
+    # printable: a name that was not UTF-8 (a tar member, a file) must not stop the rejects writer
+    return [{"key": printable(r.key), "source": printable(r.source), "reason": r.reason, "detail": printable(r.detail)}]
 
 
 def _reject_sort_key(r: Reject) -> str:
@@ -381,7 +383,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     check_known_flags(list(argv) if argv is not None else sys.argv[1:])
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
-    units = expand_inputs(cfg.input, cfg.input_format)
+    units = resolve_inputs(cfg)  # a bad pattern, or an output overlapping an input: one line, before any work
     from transforms import sequences
 
     sequences.forget_loaded()  # an in-process runner reuses this module: last run's tokenizers are stale

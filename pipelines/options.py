@@ -6,6 +6,7 @@ Stages receive `BuildConfig` (or plain fields of it), never the options object.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -206,8 +207,7 @@ class BuildConfig:
             raise SystemExit(f"cm3corpus build: --min_clip_score {score}: expected a cosine in [-1, 1]")
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise SystemExit(f"cm3corpus build: --dedup_threshold {threshold}: expected a cosine in (0, 1]")
-        if values.get("tokenize_batch_size") is not None and values["tokenize_batch_size"] < 1:
-            raise SystemExit("cm3corpus build: --tokenize_batch_size must be at least 1")
+        check_ranges(values)
         if not values.get("memory_bank"):
             needing = [
                 f"--{n}" for n in ("neighbour_input", "extend_memory_bank", "neighbour_key_prefix") if values.get(n)
@@ -215,3 +215,132 @@ class BuildConfig:
             if needing:  # they only mean something with another build's bank; never ignore them silently
                 raise SystemExit(f"cm3corpus build: {' and '.join(needing)} need --memory_bank DIR (a prebuilt bank)")
         return cls(**values)
+
+
+# Every numeric flag's range, checked before any work starts: (flag, smallest, largest, what it must be).
+# None is no bound; `open` bounds exclude the value itself.
+_AT_LEAST_1 = (1, None, "at least 1")
+RANGES = {
+    "max_image_pixels": _AT_LEAST_1,
+    "max_image_bytes": _AT_LEAST_1,
+    "min_image_side": _AT_LEAST_1,
+    "max_caption_chars": _AT_LEAST_1,
+    "embed_batch_size": _AT_LEAST_1,
+    "retrieval_topk": _AT_LEAST_1,
+    "num_retrieved": _AT_LEAST_1,
+    "max_similarity": (-1.0, 1.0, "a number from -1 to 1 (a cosine similarity)"),
+    "diversity_threshold": (-1.0, 1.0, "a number from -1 to 1 (a cosine similarity)"),
+    "query_dropout": (0.0, 1.0, "a share from 0 to 1"),
+    "holdout_fraction": (0.0, math.nextafter(1.0, 0.0), "a share from 0 up to (not including) 1"),
+    "text_vocab_size": _AT_LEAST_1,
+    "tokenize_batch_size": _AT_LEAST_1,
+    "image_codebook_size": (2, None, "at least 2"),
+    "image_size": _AT_LEAST_1,
+    "image_patch_size": _AT_LEAST_1,
+    "seq_len": _AT_LEAST_1,
+    "neighbours_per_sequence": (0, None, "at least 0"),
+    "tokenizer_fit_captions": _AT_LEAST_1,
+    "tokenizer_fit_images": _AT_LEAST_1,
+    "shard_max_samples": _AT_LEAST_1,
+    "shard_max_bytes": _AT_LEAST_1,
+}
+
+
+def check_ranges(values: dict) -> None:
+    """Refuse, in one line naming the flag, a value that would fail later or build a useless corpus."""
+
+    def refuse(name: str, why: str) -> None:
+        raise SystemExit(f"cm3corpus build: --{name} {values[name]!r}: {why}")
+
+    for name, (low, high, what) in RANGES.items():
+        v = values.get(name)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            refuse(name, f"must be {what}, not {v}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            refuse(name, f"must be {what}")
+    if values.get("image_tokenizer"):  # a loaded tokenizer brings its own image size and grid
+        return
+    size, patch = values.get("image_size", 256), values.get("image_patch_size", 8)
+    if size % patch:
+        refuse("image_size", f"must be a multiple of --image_patch_size {patch}")
+    from transforms.cm3 import TOKENS_PER_SPAN
+    from transforms.sequences import NUM_SENTINELS
+
+    # One document whole: <eod> caption <break> image <eod>, and the causal-masking reserve.
+    reserve = TOKENS_PER_SPAN * NUM_SENTINELS if values.get("cm3_masking", "causal") == "causal" else 0
+    shortest = (size // patch) ** 2 + 4 + reserve
+    if values.get("seq_len") is not None and values["seq_len"] < shortest:
+        refuse(
+            "seq_len",
+            f"too short for one document: a {size} px image is {(size // patch) ** 2} tokens, and a sequence"
+            f" needs {shortest} for one image, a caption token, the separators and the masking reserve",
+        )
+
+
+def resolve_inputs(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """The input units of `cfg.input` (and check `--neighbour_input`), or a one-line SystemExit.
+
+    Refused before any work: a pattern that matches nothing, a suffix with no format, a protocol
+    whose fsspec package is missing, an `--output` that is a file, and an `--output` that is, holds
+    or lies inside an input (the build replaces `OUTPUT/shards` and friends, so `--input
+    'ds/shards/*.tar' --output ds` would delete its own input, and a folder input holding the output
+    would read the last build's shards as input).
+    """
+    import fsspec
+
+    from transforms.read import expand_inputs
+
+    def expand(flag: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
+        try:
+            return expand_inputs(patterns, cfg.input_format)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise SystemExit(f"cm3corpus build: --{flag}: {e}") from None
+
+    units = expand("input", cfg.input)
+    others = expand("neighbour_input", cfg.neighbour_input) if cfg.neighbour_input else []
+    try:
+        fs, _ = fsspec.core.url_to_fs(cfg.output)
+        out = _normal(cfg.output)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"cm3corpus build: --output {cfg.output!r}: {e}") from None
+    if fs.isfile(out[1]):
+        raise SystemExit(f"cm3corpus build: --output {cfg.output!r} is a file; it must be a directory")
+    folders = []
+    for pattern in (*cfg.input, *cfg.neighbour_input):
+        pfs, path = fsspec.core.url_to_fs(pattern)
+        if pfs.isdir(path):
+            folders.append((pattern, _normal(pattern)))
+    for _, url in (*units, *others):
+        if _inside(_normal(url), out):
+            raise SystemExit(
+                f"cm3corpus build: --output {cfg.output!r} holds the input {url!r} and would replace it;"
+                " choose an output outside every input"
+            )
+    for pattern, folder in folders:
+        if _inside(out, folder):
+            raise SystemExit(
+                f"cm3corpus build: --output {cfg.output!r} lies inside the input folder {pattern!r}: a later build"
+                " would read this build's output as input; choose an output outside every input"
+            )
+    return units
+
+
+def _normal(url: str) -> tuple[str, str]:
+    """(protocol, absolute path without a trailing slash); local paths with their links resolved."""
+    import os
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return "file", os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, path.rstrip("/")
+
+
+def _inside(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether `a` is `b` or lies under it."""
+    return a[0] == b[0] and (a[1] == b[1] or a[1].startswith(b[1].rstrip("/") + "/"))

@@ -82,5 +82,6 @@ def test_rerun_replaces_previous_outputs(inputs, tmp_path):
 
 
 def test_missing_input_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(SystemExit, match="--input: .* matches no file") as e:  # one line, no traceback
         build(tmp_path / "nowhere", tmp_path / "out")
+    assert "\n" not in str(e.value)

@@ -58,6 +58,26 @@ def test_huge_extended_header_in_a_gzipped_tar_ends_the_shard_unread(tmp_path, f
     assert kind in items[1].detail and "limit" in items[1].detail
 
 
+def test_a_chain_of_extended_headers_ends_the_shard_without_recursing(tmp_path):
+    # tarfile parses each GNU long-name header by recursing into the next: thousands in a row raised
+    # RecursionError, which no reader expects.
+    def header(name: str, kind: bytes, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.type, info.size = kind, size
+        return info.tobuf(tarfile.USTAR_FORMAT)
+
+    data = bytearray()
+    for name in ("ok.txt", "cut.txt"):
+        data += header(name, tarfile.REGTYPE, 4) + b"text".ljust(512, b"\0")
+    for _ in range(3000):
+        data += header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 6) + b"abc.tx".ljust(512, b"\0")
+    data += header("x.txt", tarfile.REGTYPE, 1) + b"x".ljust(512, b"\0") + b"\0" * 1024
+    (tmp_path / "chain.tar").write_bytes(bytes(data))
+    items = read_all(tmp_path / "chain.tar")
+    assert [outcome(i) for i in items] == ["text", "shard_unreadable"]
+    assert "extended headers in a row" in items[1].detail
+
+
 def test_thousands_of_unused_members_of_one_key_are_capped(tmp_path):
     path = tmp_path / "many.tar"
     with tarfile.open(path, "w") as tf:

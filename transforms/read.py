@@ -376,7 +376,7 @@ def _row_budget(budgets: Budgets) -> int:
     return 6 * budgets.max_caption_chars + 2**20
 
 
-_PARQUET_BATCH_BYTES = 64 * 2**20  # uncompressed bytes a parquet batch holds, about
+_PARQUET_BATCH_BYTES = 16 * 2**20  # uncompressed bytes a parquet batch holds, about
 
 
 def _manifest_rows(url: str, fmt: str, budgets: Budgets, columns: tuple[str, str]) -> Iterator[dict | Reject]:

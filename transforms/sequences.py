@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -125,9 +126,9 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
         text_tok = fit_text_tokenizer([c for _, c in sorted(captions)], sc.text_vocab_size)
     if sc.image_tokenizer:
         image_tok = load_image_tokenizer(sc.image_tokenizer)
+    elif not images:
+        image_tok = unfitted_patch_vq(sc)
     else:
-        if not images:
-            raise ValueError("no images to fit the image tokenizer on; pass --image_tokenizer")
         pictures = DecodedImages([b for _, b in sorted(images)])  # decoded one at a time, not all at once
         image_tok = fit_patch_vq(pictures, sc.image_codebook_size, sc.image_size, sc.image_patch_size, sc.seed)
     if chameleon:
@@ -138,6 +139,23 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
         vocab = build_vocab(text_tok, image_tok, NUM_SENTINELS)
     write_tokenizers(directory, text_tok, image_tok, vocab)
     return directory
+
+
+def unfitted_patch_vq(sc: SequenceConfig):
+    """The image tokenizer of a corpus with no usable image (text only, or every image rejected).
+
+    Nothing to fit on, and no document of this corpus has an image token to write, so its sequences
+    are text only. A codebook drawn from the seed stands in, so `tokenizers/` and the id space keep
+    their shape (`--image_codebook_size` codes); it is not a trained tokenizer, and the run's stats
+    say so (`tokenizers/image_tokenizer_unfitted`). Pass `--image_tokenizer` to tokenize later images.
+    """
+    from transforms.tokenize import PatchVQTokenizer
+
+    Metrics.counter("tokenizers", "image_tokenizer_unfitted").inc()
+    print("cm3corpus build: no usable image to fit the image tokenizer on; sequences are text only", file=sys.stderr)
+    dim = sc.image_patch_size * sc.image_patch_size * 3
+    codebook = rng_for(sc.seed, "", "unfitted_patch_vq").integers(0, 256, (sc.image_codebook_size, dim), dtype=np.uint8)
+    return PatchVQTokenizer(codebook, sc.image_size, sc.image_patch_size)
 
 
 def _hash_of_pair(pair) -> int:
