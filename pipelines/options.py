@@ -250,15 +250,17 @@ def check_ranges(values: dict) -> None:
     """Refuse, in one line naming the flag, a value that would fail later or build a useless corpus."""
 
     def refuse(name: str, why: str) -> None:
-        raise SystemExit(f"cm3corpus build: --{name} {values[name]!r}: {why}")
+        raise SystemExit(f"cm3corpus build: --{name} {why} (got {values[name]!r})")
 
     for name, (low, high, what) in RANGES.items():
         v = values.get(name)
         if v is None:
             continue
-        if isinstance(v, float) and not math.isfinite(v):
-            refuse(name, f"must be {what}, not {v}")
-        if (low is not None and v < low) or (high is not None and v > high):
+        if (
+            (isinstance(v, float) and not math.isfinite(v))
+            or (low is not None and v < low)
+            or (high is not None and v > high)
+        ):
             refuse(name, f"must be {what}")
     if values.get("image_tokenizer"):  # a loaded tokenizer brings its own image size and grid
         return
