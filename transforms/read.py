@@ -5,8 +5,9 @@ URL), parquet / JSONL / CSV manifests (image path and caption columns configurab
 column may also hold the image bytes), and folders of images with `.txt` sidecars.
 
 Archives are untrusted: members are read as bytes and never extracted, a member name never becomes
-a filesystem path, links and device members are rejected, and the sizes in the headers are checked
-against the budgets before any data is read.
+a filesystem path, links, devices and sparse members are rejected, the sizes in the headers (extended
+GNU and PAX headers included) are checked against the budgets before any data is read, and every
+read of a file or manifest row is capped at its budget plus one byte.
 
 Every input sample ends as exactly one Example or one Reject; a damaged shard adds one
 `shard_unreadable` row (keyed by the sample that was being read, if any), so
