@@ -251,13 +251,16 @@ def test_nearest_matches_float64_reference_exactly(patch_size):
 
 def test_fit_samples_what_faiss_asks_and_logs_its_seconds(capsys):
     # 8 images x 64 patches = 512 patches; 4 codes x 39 = 156 wanted, an equal share (20) from each image.
-    tok = fit_patch_vq(shapes(8, seed=2), codebook_size=4, image_size=32, patch_size=4, seed=0, niter=3)
+    tok = fit_patch_vq(shapes(8, seed=2), codebook_size=4, image_size=32, patch_size=4, seed=0, niter=3, min_points=0)
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("cm3corpus tokenizers:")]
     assert len(line) == 1 and "fitted on 160 patches" in line[0] and "3 iterations" in line[0]
     assert "distinct" in line[0] and " s" in line[0] and "faiss asks" not in line[0]
     assert tok.num_codes == 4
     fit_patch_vq(shapes(1, seed=2), codebook_size=16, image_size=16, patch_size=4, seed=0, niter=1)
-    assert "fitted on 16 patches" in capsys.readouterr().err  # fewer than 39 x 16: all, and it says so
+    err = capsys.readouterr().err
+    assert "fitted on 16 patches" in err and "faiss asks for 624" in err  # fewer than 39 x 16: all, and it says so
+    fit_patch_vq(shapes(8, seed=2), codebook_size=4, image_size=32, patch_size=4, seed=0, niter=1, min_points=300)
+    assert "fitted on 304 patches" in capsys.readouterr().err  # min_points over 39 x 4: 38 from each image
 
 
 def test_fit_weights_repeated_patches_as_the_full_sample():

@@ -316,6 +316,7 @@ class PatchVQTokenizer:
 
 
 FIT_POINTS_PER_CODE = 39  # faiss's minimum training points per centroid (its warning below that)
+FIT_MIN_POINTS = 262_144  # small codebooks still see this many (cheap for them, and their error is lower)
 FIT_NITER = 10  # k-means iterations; see fit_patch_vq
 
 
@@ -327,15 +328,18 @@ def fit_patch_vq(
     seed: int,
     points_per_code: int = FIT_POINTS_PER_CODE,
     niter: int = FIT_NITER,
+    min_points: int = FIT_MIN_POINTS,
 ) -> PatchVQTokenizer:
     """Fit a `PatchVQTokenizer` with seeded faiss k-means on a sample of the images' patches.
 
-    The sample is `points_per_code * codebook_size` patches (faiss's 39 a centroid: 319,488 at 8,192 codes),
+    The sample is `points_per_code * codebook_size` patches (faiss's 39 a centroid: 319,488 at 8,192 codes)
+    or `min_points` when that is more (small codebooks: more points are cheap there and lower the error),
     an equal share from each image at positions drawn from `seed`; all patches when the images have fewer.
-    Identical patches (flat backgrounds, letterboxing: a quarter of a sample can be one colour) are fitted
-    once with their count as weight: the same k-means objective at a fraction of the cost. 10 iterations
-    from faiss's seeded random start, not 20: the second ten moved the held-out quantisation error by under
-    1% (benchmarks/results/2026-12-06-throughput.md). The fit's size and seconds go to stderr.
+    Identical patches (flat backgrounds, letterboxing: on the demo images a fifth of the sample is one
+    colour) are fitted once with their count as weight: the same k-means objective at a fraction of the
+    cost. 10 iterations from faiss's seeded random start, not 20: at 8,192 codes the second ten moved the
+    held-out quantisation error by 0.05% (benchmarks/results/2026-12-06-throughput.md). The fit's size and
+    seconds go to stderr.
 
     Args:
         images: the training images, in a deterministic order.
@@ -345,6 +349,7 @@ def fit_patch_vq(
         seed: seeds the patch sample and k-means.
         points_per_code: sample size per code.
         niter: k-means iterations.
+        min_points: sample size at least (when the images have that many patches).
     """
     import sys
     import time
@@ -356,7 +361,7 @@ def fit_patch_vq(
     start = time.monotonic()
     # A throwaway tokenizer only to cut patches the same way encoding will.
     cutter = PatchVQTokenizer(np.zeros((1, patch_size * patch_size * 3), np.uint8), image_size, patch_size)
-    wanted = points_per_code * codebook_size
+    wanted = max(points_per_code * codebook_size, min_points)
     per_image = max(1, math.ceil(wanted / len(images)))
     rng = rng_for(seed, "", "patch_vq_sample")
     sample = []
@@ -380,7 +385,8 @@ def fit_patch_vq(
     kmeans.train(x, weights=weights)
     codebook = np.clip(np.rint(kmeans.centroids), 0, 255).astype(np.uint8)
     seconds = time.monotonic() - start
-    short = f" (faiss asks for {wanted:,}: fit on more images for a better codebook)" if len(sample) < wanted else ""
+    asks = points_per_code * codebook_size
+    short = f" (faiss asks for {asks:,}: fit on more images for a better codebook)" if len(sample) < asks else ""
     print(
         f"cm3corpus tokenizers: patch codebook of {codebook_size:,} codes fitted on {len(sample):,} patches"
         f" ({len(unique):,} distinct) from {len(images):,} images, {niter} iterations, in {seconds:.1f} s{short}",
