@@ -240,5 +240,37 @@ def test_nearest_matches_float64_reference_exactly(patch_size):
     patches[30:40] = ((codebook[40].astype(int) + codebook[41].astype(int)) // 2).astype(np.uint8)
     want = tok.nearest_reference(patches)
     assert (want[10:20] == 3).all()
-    for chunk in (1, 7, 1024, 4096):
+    for chunk in (1, 7, 512, 1024, 4096):
         np.testing.assert_array_equal(tok.nearest(patches, chunk=chunk), want)
+    if tok._exact_f32:  # the torch search `place("cuda")` runs: the same codes, here on the CPU
+        np.testing.assert_array_equal(tok.nearest_torch(patches, "cpu"), want)
+        np.testing.assert_array_equal(tok.nearest_torch(patches, "cpu", chunk=7), want)
+        tok.place("cpu")
+        np.testing.assert_array_equal(tok.nearest(patches), want)
+
+
+def test_fit_samples_what_faiss_asks_and_logs_its_seconds(capsys):
+    # 8 images x 64 patches = 512 patches; 4 codes x 39 = 156 wanted, an equal share (20) from each image.
+    tok = fit_patch_vq(shapes(8, seed=2), codebook_size=4, image_size=32, patch_size=4, seed=0, niter=3, min_points=0)
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("cm3corpus tokenizers:")]
+    assert len(line) == 1 and "fitted on 160 patches" in line[0] and "3 iterations" in line[0]
+    assert "distinct" in line[0] and " s" in line[0] and "faiss asks" not in line[0]
+    assert tok.num_codes == 4
+    fit_patch_vq(shapes(1, seed=2), codebook_size=16, image_size=16, patch_size=4, seed=0, niter=1)
+    err = capsys.readouterr().err
+    assert "fitted on 16 patches" in err and "faiss asks for 624" in err  # fewer than 39 x 16: all, and it says so
+    fit_patch_vq(shapes(8, seed=2), codebook_size=4, image_size=32, patch_size=4, seed=0, niter=1, min_points=300)
+    assert "fitted on 304 patches" in capsys.readouterr().err  # min_points over 39 x 4: 38 from each image
+
+
+def test_fit_weights_repeated_patches_as_the_full_sample():
+    # A flat image repeated: one distinct patch with the count of all of them. The codebook must hold that
+    # colour exactly (a weighted centroid of identical points), and fitting twice gives the same bytes.
+    from PIL import Image
+
+    flat = [Image.new("RGB", (32, 32), (200, 30, 90))] * 6 + shapes(2, seed=4)
+    a = fit_patch_vq(flat, codebook_size=8, image_size=32, patch_size=4, seed=3, niter=4)
+    b = fit_patch_vq(flat, codebook_size=8, image_size=32, patch_size=4, seed=3, niter=4)
+    assert np.array_equal(a.codebook, b.codebook)
+    colour = np.tile(np.array([200, 30, 90], np.uint8), 16)
+    assert (a.codebook == colour).all(axis=1).any()

@@ -7,6 +7,7 @@ the committed Beam counters once the pipeline has finished.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -27,7 +28,8 @@ def note(name: str, n: int = 1) -> None:
             return
         _last[0] = now
         line = " · ".join(f"{k} {v:,}" for k, v in sorted(_counts.items()))
-    print(f"[cm3corpus progress] {line}", file=sys.stderr, flush=True)
+    # The pid tells apart the interleaved lines of several worker processes (and shows which process did the work).
+    print(f"[cm3corpus progress] pid {os.getpid()} · {line}", file=sys.stderr, flush=True)
 
 
 def counters(result) -> dict[str, int]:

@@ -48,7 +48,7 @@ class SequenceConfig:
     seed: int
     vocab: str = "native"  # native | chameleon:DIR (Chameleon's text_tokenizer.json and id space)
     tokenize_batch_size: int = 16  # images per image-tokenizer batch
-    device: str = "cpu"  # where a VQ-GAN runs
+    device: str = "cpu"  # where the image tokenizer runs (VQ-GAN, or the patch VQ search)
     image_tokenizer_dtype: str = "float32"  # a VQ-GAN's convolution dtype (float32 | bfloat16 | float16)
 
     @classmethod
@@ -239,7 +239,7 @@ class _TokenizeBatch(beam.DoFn):
         from transforms.tokenize import encode_caption, encode_images
 
         text_tok, image_tok, vocab = load_once(directory)
-        if hasattr(image_tok, "place"):  # a VQ-GAN: onto --device once per process (a no-op after)
+        if hasattr(image_tok, "place"):  # a VQ-GAN or the patch VQ: onto --device (a no-op after the first)
             image_tok.place(self._device, self._dtype)
         texts, pictures, failed = {}, {}, set()
         for i, example in enumerate(batch):
