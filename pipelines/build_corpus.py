@@ -452,7 +452,15 @@ def print_help() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(argv if argv is not None else sys.argv[1:])
+    stats = run(argv if argv is not None else sys.argv[1:])
+    if not stats["examples_written"]:
+        # stats.json and rejects/ are written: they say why. Exiting 0 would let a script train on nothing.
+        print(
+            f"cm3corpus build: no example was written ({stats['examples_read']:,} read, all rejected or filtered);"
+            " see rejects/ and stats.json",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

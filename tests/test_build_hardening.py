@@ -106,6 +106,9 @@ def test_a_corpus_with_no_usable_image_builds_and_is_accounted(tmp_path, kind):
     out = tmp_path / "out"
     stats = run_build(tmp_path / "in.tar", out)
     on_disk = json.loads((out / "stats.json").read_text())
+    if kind == "all_rejected":  # the command fails, after writing what says why
+        argv = ["--input", str(tmp_path / "in.tar"), "--output", str(tmp_path / "again"), *demo_build_flags()]
+        assert build_corpus.main(argv) == 1 and (tmp_path / "again" / "stats.json").exists()
     assert on_disk["accounted"] and on_disk["examples_read"] == len(samples)
     assert on_disk["counters"]["tokenizers/image_tokenizer_unfitted"] == 1  # the stats say so
     rejects = read_table(str(out / "rejects"), artifacts.REJECTS).to_pylist()
