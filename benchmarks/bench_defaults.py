@@ -27,43 +27,20 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_MS = "metric:ptransform_execution_time:total_msecs:v1"
-
-
-def stage_msecs(result) -> dict[str, int]:
-    """Beam's sampled execution time per top-level stage label (the first component of the step name)."""
-    from apache_beam.metrics.metric import MetricsFilter
-
-    per_stage: dict[str, int] = defaultdict(int)
-    try:
-        metrics = result.monitoring_metrics().query(MetricsFilter())["counters"]
-    except (AttributeError, NotImplementedError):
-        return {}
-    for m in metrics:
-        if m.key.metric.name == STAGE_MS and m.key.step:
-            per_stage[m.key.step.split("/", 1)[0]] += int(m.committed or m.attempted or 0)
-    return dict(per_stage)
 
 
 def build_child(code: str, data: str, output: str, flags: list[str]) -> None:
     """In the child: build with `code`'s pipeline, print one JSON line with the stats and stage times."""
+    from bench_scale import run_with_stages  # this checkout's helper, imported before `code` goes first
+
     sys.path.insert(0, code)
     from pipelines import build_corpus
 
-    captured: dict = {}
-    counters = build_corpus.counters
-
-    def counters_and_stages(result):  # run() hands its finished PipelineResult to `counters`
-        captured["stages"] = stage_msecs(result)
-        return counters(result)
-
-    build_corpus.counters = counters_and_stages
-    stats = build_corpus.run(["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *flags])
-    print(json.dumps({"stats": stats, "stages": captured.get("stages", {})}), flush=True)
+    argv = ["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *flags]
+    print(json.dumps(run_with_stages(build_corpus, argv)), flush=True)
 
 
 def build(code: str, data: str, output: str, flags: list[str], log: str) -> dict:

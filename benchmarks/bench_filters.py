@@ -11,7 +11,7 @@ a child process of its own: once with no filter flag (the baseline) and once wit
 `--min_clip_score S --dedup_threshold T` (0.5 and 0.98 unless given).
 
 Cost: the filters' share of the filtered build, from Beam's sampled execution time per top-level stage
-(`bench_scale.stage_msecs`): the `Filter` and `WriteFiltered` stages over all stages. That figure does
+(`bench_scale.run_with_stages`): the `Filter` and `WriteFiltered` stages over all stages. That figure does
 not swing with a shared machine's load as wall time does; the wall-clock difference of the two builds
 is printed beside it. Target: under 10% at the largest size.
 
@@ -29,12 +29,10 @@ The last line of output is `RESULT {json}` for `benchmarks/run_all.py`.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_scale import stage_msecs  # noqa: E402
+from benchmarks.bench_scale import run_with_stages  # noqa: E402
 
 SHARE_TARGET = 0.10  # the filters' share of the filtered build's stage time
 FILTER_STAGES = ("Filter", "WriteFiltered")
@@ -56,17 +54,8 @@ def build_child(data: str, output: str, extra: list[str]) -> None:
     from pipelines import build_corpus
     from pipelines.demo import demo_build_flags
 
-    captured: dict = {}
-    counters = build_corpus.counters
-
-    def counters_and_stages(result):
-        captured["stages"] = stage_msecs(result)
-        return counters(result)
-
-    build_corpus.counters = counters_and_stages
     argv = ["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *demo_build_flags(), *extra]
-    stats = build_corpus.run(argv)
-    print(json.dumps({"stats": stats, "stages": captured.get("stages", {})}), flush=True)
+    print(json.dumps(run_with_stages(build_corpus, argv)), flush=True)
 
 
 def run_build(data: str, output: str, extra: list[str], log: str) -> dict:
@@ -83,17 +72,6 @@ def run_build(data: str, output: str, extra: list[str], log: str) -> dict:
     got = json.loads(lines[-1])
     got["wall_s"] = wall
     return got
-
-
-def ground_truth(data: str) -> dict:
-    """Per key: its sample JSON (near_duplicate_of, caption_swapped_with, exact_duplicate_of)."""
-    meta = {}
-    for path in sorted(glob.glob(f"{data}/*.tar")):
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                if m.name.endswith(".json"):
-                    meta[m.name[: -len(".json")]] = json.loads(tf.extractfile(m).read())
-    return meta
 
 
 def groups_of(meta: dict) -> dict[str, str]:
@@ -197,14 +175,14 @@ def sweep(corpus: str, meta: dict) -> tuple[list[str], list[str]]:
 
 
 def measure(size: int, workdir: str, s: float, t: float) -> dict:
-    from pipelines.demo_data import add_filter_cases, write_demo_corpus
+    from pipelines.demo_data import add_filter_cases, sample_meta, write_demo_corpus
     from schemas import artifacts
     from transforms.parquet_io import read_table
 
     data = f"{workdir}/data-{size}"
     write_demo_corpus(data, num_examples=size, seed=0, image_size=64, shard_size=250)
     add_filter_cases(data, seed=0)
-    meta = ground_truth(data)
+    meta = sample_meta(data)
     base = run_build(data, f"{workdir}/plain-{size}", [], f"{workdir}/plain-{size}.log")
     flags = ["--min_clip_score", str(s), "--dedup_threshold", str(t)]
     filt = run_build(data, f"{workdir}/filtered-{size}", flags, f"{workdir}/filtered-{size}.log")

@@ -72,6 +72,26 @@ def stage_msecs(result) -> dict[str, int]:
     return dict(per_stage)
 
 
+def run_with_stages(build_corpus, argv: list[str]) -> dict:
+    """`build_corpus.run(argv)` → {"stats": ..., "stages": Beam's sampled msecs per top-level stage}.
+
+    `build_corpus` is passed in so a benchmark can run another checkout's pipeline (bench_defaults --code).
+    """
+    captured: dict = {}
+    counters = build_corpus.counters
+
+    def counters_and_stages(result):  # run() hands its finished PipelineResult to `counters`
+        captured["stages"] = stage_msecs(result)
+        return counters(result)
+
+    build_corpus.counters = counters_and_stages
+    try:
+        stats = build_corpus.run(argv)
+    finally:
+        build_corpus.counters = counters
+    return {"stats": stats, "stages": captured.get("stages", {})}
+
+
 def build_flags(settings: str, workdir: str) -> list[str]:
     """The build flags of a settings name: `demo` (the demo's) or `defaults` (the build's, demo CLIP).
 
@@ -101,14 +121,6 @@ def build_child(data: str, output: str, settings: str, held: bool) -> None:
 
     from pipelines import build_corpus
 
-    captured: dict = {}
-    counters = build_corpus.counters
-
-    def counters_and_stages(result):  # run() hands its finished PipelineResult to `counters`
-        captured["stages"] = stage_msecs(result)
-        return counters(result)
-
-    build_corpus.counters = counters_and_stages
     watching = contextlib.nullcontext()
     if held:
         from benchmarks.held import watch
@@ -117,8 +129,8 @@ def build_child(data: str, output: str, settings: str, held: bool) -> None:
     flags = build_flags(settings, str(Path(output).parent))
     argv = ["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *flags]
     with watching as seen:
-        stats = build_corpus.run(argv)
-    got = {"stats": stats, "stages": captured.get("stages", {})}
+        got = run_with_stages(build_corpus, argv)
+    stats = got["stats"]
     if held:
         n = max(1, stats["examples_read"])
         print(seen.table(n), file=sys.stderr, flush=True)

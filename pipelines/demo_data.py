@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -478,6 +479,18 @@ def _read_tar(path: str) -> list[tuple[str, dict[str, bytes]]]:
             key, ext = m.name.split(".", 1)
             samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return list(samples.items())
+
+
+def sample_meta(data) -> dict:
+    """Per key, the sample JSON of a demo corpus's tars under `data`: the ground truth the demo records
+    (`near_duplicate_of`, and after `add_filter_cases` `caption_swapped_with`, `exact_duplicate_of`)."""
+    meta = {}
+    for path in sorted(glob.glob(f"{data}/*.tar")):
+        with tarfile.open(path) as tf:  # the demo's own output
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    meta[m.name[: -len(".json")]] = json.loads(tf.extractfile(m).read())
+    return meta
 
 
 def add_filter_cases(output: str, seed: int = 0, swapped_share: float = 0.05, exact_share: float = 0.02) -> dict:

@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import build_corpus
 from pipelines.demo import demo_build_flags
-from pipelines.demo_data import add_filter_cases, write_demo_corpus
+from pipelines.demo_data import add_filter_cases, sample_meta, write_demo_corpus
 from pipelines.options import BuildConfig, CorpusOptions
 from schemas import artifacts
 from schemas.records import EmbeddedExample, Example, Filtered
@@ -305,23 +305,13 @@ def build(data, out, *extra) -> dict:
     return build_corpus.run(["--input", f"{data}/*.tar", "--output", str(out), *demo_build_flags(), *FLAGS, *extra])
 
 
-def truth(data) -> dict:
-    meta = {}
-    for path in sorted(glob.glob(f"{data}/*.tar")):
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                if m.name.endswith(".json"):
-                    meta[m.name[: -len(".json")]] = json.loads(tf.extractfile(m).read())
-    return meta
-
-
 @pytest.fixture(scope="module")
 def filtered_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("filters")
     write_demo_corpus(str(root / "data"), num_examples=NUM_EXAMPLES, seed=5, shard_size=80)
     cases = add_filter_cases(str(root / "data"), seed=5)
     stats = build(root / "data", root / "out")
-    return root, stats, cases, truth(root / "data")
+    return root, stats, cases, sample_meta(root / "data")
 
 
 @pytest.mark.slow
