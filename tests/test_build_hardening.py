@@ -232,7 +232,7 @@ def _hostile_inputs(root) -> list[str]:
         tf.addfile(info, io.BytesIO(b"x"))
     with tarfile.open(root / "members.tar.gz", "w:gz", compresslevel=1) as tf:
         add_member(tf, "w.jpg", jpg)
-        add_member(tf, "w.txt", b" " * big)  # white space of any length: image only, never held
+        add_member(tf, "w.txt", b" " * big)  # white space past the sample budget: refused from its header
         for i in range(300):  # 300 unused members of 1 MiB each: counted, never kept
             add_member(tf, f"u.b{i:03d}", b"\0" * 2**20)
         add_member(tf, "s.jpg", jpg)
@@ -266,6 +266,6 @@ def test_hostile_inputs_build_in_bounded_memory(tmp_path):
         "bad_manifest_row": 1,  # the 256 MiB line; the line after it is kept
         "image_too_large": 8,  # the 24 MiB parquet cells; the fine row beside them is kept
         "member_too_large": 1,  # the 64 MiB .json sidecar
-        "sample_too_large": 1,  # 300 unused members of one key
+        "sample_too_large": 2,  # 300 unused members of one key; the 256 MiB white-space caption
         "shard_unreadable": 2,  # the 256 MiB GNU long name and PAX header
     }

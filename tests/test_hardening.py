@@ -16,7 +16,7 @@ from PIL import Image
 
 from schemas.records import REJECT_REASONS, Example, RawSample, Reject
 from tests.badinputs import add_member, encode, rgb, write_tar
-from transforms.read import MAX_MEMBERS_PER_SAMPLE, fetch_parts, read_manifest, read_tar
+from transforms.read import MAX_MEMBERS_PER_SAMPLE, _read_capped, fetch_parts, read_manifest, read_tar
 from transforms.validate import Budgets, to_rgb, validate
 
 BUDGETS = Budgets(max_image_pixels=1_000_000, max_image_bytes=2**20, min_image_side=8, max_caption_chars=8192)
@@ -277,6 +277,31 @@ def test_white_space_caption_of_any_length_is_image_only(tmp_path, size):
     side.write_bytes(b" " * size)
     fetched = fetch_parts(RawSample("k", "d/ws", ("d", 0), paths={"txt": str(side)}), BUDGETS)
     assert fetched.parts["txt"].strip() == b""
+
+
+def test_white_space_caption_past_the_sample_budget_is_refused_after_a_bounded_read(tmp_path):
+    big = 4 * 2**20  # over BUDGETS' sample budget (image bytes + 2 caption budgets, about 3.1 MiB)
+    path = tmp_path / "ws.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:  # 4 MiB of spaces, a few KiB on disk
+        add_member(tf, "k.jpg", encode(rgb(), "JPEG"))
+        add_member(tf, "k.txt", b" " * big)
+    (rej,) = read_all(path)
+    assert rej.reason == "sample_too_large"  # decided from the header: nothing scanned
+    side = tmp_path / "ws.txt"
+    side.write_bytes(b" " * big)
+    fetched = fetch_parts(RawSample("k", "d/ws", ("d", 0), paths={"txt": str(side)}), BUDGETS)
+    assert isinstance(fetched, Reject) and fetched.reason == "caption_too_long"
+
+    read_bytes = 0
+
+    def endless_spaces(n: int) -> bytes:  # a stream that never ends, as /dev/zero-like inputs are
+        nonlocal read_bytes
+        assert n >= 0, "an unbounded read(-1) was asked for"
+        read_bytes += n
+        return b" " * n
+
+    assert _read_capped(endless_spaces, 100, True, 10_000) is None
+    assert read_bytes == 10_001  # the budget plus one byte, never more
 
 
 def test_every_reason_used_here_is_in_the_vocabulary():

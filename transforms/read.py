@@ -184,7 +184,7 @@ def read_tar(url: str, budgets: Budgets, caption_ext: str = "txt") -> Iterator[R
     import fsspec
 
     used = used_parts(caption_ext)
-    sample_limit = budgets.max_image_bytes + 2 * _text_budget(budgets)
+    sample_limit = _sample_budget(budgets)
     current: RawSample | None = None
     current_raw = None
     problem: tuple[str, str] | None = None  # (reason, detail) that rejects the current sample
@@ -220,10 +220,10 @@ def read_tar(url: str, budgets: Budgets, caption_ext: str = "txt") -> Iterator[R
                     problem = ("duplicate_member", f"{name!r} gives part {ext!r} a second time")
                 elif member.size > limit and ext != caption_ext:  # decided from the header: never read
                     problem = (reason, f"member {name!r} is {member.size} bytes (limit {limit})")
-                elif total + member.size > sample_limit and not (ext == caption_ext and member.size > limit):
+                elif total + member.size > sample_limit:  # a white-space caption too: its scan stays in budget
                     problem = ("sample_too_large", f"members total over {sample_limit} bytes at {name!r}")
                 elif ext in used:
-                    data = _read_capped(tf.extractfile(member).read, limit, ext == caption_ext)
+                    data = _read_capped(tf.extractfile(member).read, limit, ext == caption_ext, sample_limit)
                     if data is None:
                         problem = (reason, f"member {name!r} is {member.size} bytes (limit {limit})")
                     else:
@@ -240,21 +240,30 @@ def read_tar(url: str, budgets: Budgets, caption_ext: str = "txt") -> Iterator[R
         yield _finish(current, problem)
 
 
-def _read_capped(read, limit: int, caption: bool) -> bytes | None:
+def _sample_budget(budgets: Budgets) -> int:
+    """The most bytes one sample's parts may hold together (tar members, or a white-space caption's scan)."""
+    return budgets.max_image_bytes + 2 * _text_budget(budgets)
+
+
+def _read_capped(read, limit: int, caption: bool, scan_limit: int = 0) -> bytes | None:
     """At most `limit` bytes through `read(n)`, or None when there are more.
 
-    A caption that is only white space is no caption, at any length: past the limit its rest is
-    scanned a chunk at a time (never held) and, when it is all white space, it reads as empty.
+    A caption that is only white space is no caption, at any length up to `scan_limit` (the sample
+    budget): past `limit` its rest is scanned a chunk at a time (never held) and, when it is all white
+    space, it reads as empty. The scan stops at `scan_limit`, so a compressed stream of spaces costs
+    a bounded read, never its whole decompressed size.
     """
     data = read(limit + 1)
     if len(data) <= limit:
         return data
     if not caption or data.strip():
         return None
-    while chunk := read(1 << 20):
+    scanned = len(data)
+    while scanned <= scan_limit and (chunk := read(min(1 << 20, scan_limit + 1 - scanned))):
         if chunk.strip():
             return None
-    return b""
+        scanned += len(chunk)
+    return b"" if scanned <= scan_limit else None
 
 
 def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -571,7 +580,7 @@ def fetch_parts(sample: RawSample, budgets: Budgets, caption_ext: str = "txt") -
                     sample.key, sample.source, "unsupported_url", f"{shown}: {protocol}:// {describe_error(e)}"
                 )
             if isinstance(fs, LocalFileSystem):
-                data = _read_local_regular(path, limit, caption)
+                data = _read_local_regular(path, limit, caption, _sample_budget(budgets))
                 if isinstance(data, str):
                     return Reject(sample.key, sample.source, "not_regular_file", f"{shown}: {data}")
             else:
@@ -579,7 +588,7 @@ def fetch_parts(sample: RawSample, budgets: Budgets, caption_ext: str = "txt") -
                 if size is not None and size > limit and not caption:
                     return Reject(sample.key, sample.source, reason, f"{shown} is {size} bytes")
                 with fs.open(path, "rb") as f:
-                    data = _read_capped(f.read, limit, caption)
+                    data = _read_capped(f.read, limit, caption, _sample_budget(budgets))
             if data is None:
                 return Reject(sample.key, sample.source, reason, f"{shown} is over {limit} bytes")
             sample.parts[name] = data
@@ -591,7 +600,7 @@ def fetch_parts(sample: RawSample, budgets: Budgets, caption_ext: str = "txt") -
     return sample
 
 
-def _read_local_regular(path: str, limit: int, caption: bool = False) -> bytes | str | None:
+def _read_local_regular(path: str, limit: int, caption: bool = False, scan_limit: int = 0) -> bytes | str | None:
     """At most limit bytes of a local regular file (None when it holds more), or why it is not one
     (links are not followed)."""
     try:
@@ -616,7 +625,7 @@ def _read_local_regular(path: str, limit: int, caption: bool = False) -> bytes |
                 left -= len(chunk)
             return b"".join(chunks)
 
-        return _read_capped(read, limit, caption)
+        return _read_capped(read, limit, caption, scan_limit)
     finally:
         os.close(fd)
 
