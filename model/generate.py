@@ -420,13 +420,21 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     gc = config_from_args(args)
+    import pickle
+
+    from transforms.embed import ClipWeightsUnavailable
     from transforms.query import Corpus
 
     try:
         model, path = load_decoder(args.checkpoint, args.device)
+    except (pickle.UnpicklingError, RuntimeError, KeyError) as e:  # not a checkpoint `cm3corpus train` wrote
+        raise SystemExit(f"cm3corpus generate: --checkpoint cannot be loaded: {str(e).splitlines()[0]}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cm3corpus generate: {e}") from None
+    try:
         corpus = Corpus(args.corpus, args.device, args.clip_pretrained)
         run_generate(gc, corpus, model, args.output, checkpoint=path)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ClipWeightsUnavailable) as e:
         raise SystemExit(f"cm3corpus generate: {e}") from None
     return 0
 

@@ -198,6 +198,31 @@ def test_an_old_bank_without_clip_pretrained_still_opens(built, tmp_path):
     info_path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match="--clip_pretrained"):
         Corpus(str(old)).embed("a red circle")
+    # The command says the same in one line (the CLIP loads lazily, at the first query), not a traceback.
+    from transforms.query import main
+
+    with pytest.raises(SystemExit, match=r"^cm3corpus query: .*--clip_pretrained"):
+        main(["--corpus", str(old), "--text", "a red circle"])
+
+
+def test_a_query_image_is_prepared_as_the_build_prepares_documents(tmp_path):
+    from PIL import Image
+
+    from transforms.query import read_image_file
+
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent: the build flattens onto white
+    rgba.save(tmp_path / "a.png")
+    with Image.open(io.BytesIO(read_image_file(str(tmp_path / "a.png")))) as im:
+        assert im.mode == "RGB" and im.getpixel((5, 5)) == (255, 255, 255)  # convert("RGB") alone gives black
+    tall = Image.new("RGB", (16, 32), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display
+    tall.save(tmp_path / "r.jpg", exif=exif)
+    with Image.open(io.BytesIO(read_image_file(str(tmp_path / "r.jpg")))) as im:
+        assert im.size == (32, 16)  # turned as the build turns it
+    (tmp_path / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match=r"^--image: cannot use image .*image_undecodable"):
+        read_image_file(str(tmp_path / "x.jpg"))
 
 
 @pytest.mark.slow

@@ -357,16 +357,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def read_image_file(path: str, flag: str = "--image") -> bytes:
-    """An image file's bytes, checked to decode (a clear one-line error naming the flag otherwise)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file prepared exactly as the build prepares a document's image, or a one-line error.
 
+    The build's own `validate` (allowed formats, byte and pixel budgets, EXIF orientation, RGB with alpha
+    flattened onto white), so a query or prompt image is embedded and tokenized as the bank's were.
+    """
+    from schemas.records import RawSample, Reject
+    from transforms.validate import IMAGE_PARTS, Budgets, validate
+
+    budgets = Budgets()
     try:
-        data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except (OSError, UnidentifiedImageError) as e:
+        with open(path, "rb") as f:
+            data = f.read(budgets.max_image_bytes + 1)  # validate refuses more; never read an unbounded file
+    except OSError as e:
         raise SystemExit(f"{flag}: cannot read image {path}: {e}") from None
-    return data
+    checked = validate(RawSample("query", path, (path, 0), parts={IMAGE_PARTS[0]: data}), budgets)
+    if isinstance(checked, Reject) or checked.image is None:
+        why = f"{checked.reason} ({checked.detail})" if isinstance(checked, Reject) else "no image"
+        raise SystemExit(f"{flag}: cannot use image {path}: {why}")
+    return checked.image
 
 
 def rules_from_args(args: argparse.Namespace):
@@ -401,13 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--k must be at least 1, got {args.k}")
     rules = rules_from_args(args) if args.rules else None
     image = read_image_file(args.image) if args.image else None
-    try:
+    from transforms.embed import ClipWeightsUnavailable
+
+    try:  # the CLIP loads lazily, at the first query: its errors are the user's to fix, in one line
         corpus = Corpus(args.corpus, args.device, args.clip_pretrained, args.nprobe, args.memory_bank)
-    except (FileNotFoundError, ValueError) as e:
+        hits = query(corpus, args.text, image, args.k, rules)
+        if args.thumbnails:
+            write_thumbnails(corpus, hits, args.thumbnails)
+    except (FileNotFoundError, ValueError, ClipWeightsUnavailable) as e:
         raise SystemExit(f"cm3corpus query: {e}") from None
-    hits = query(corpus, args.text, image, args.k, rules)
-    if args.thumbnails:
-        write_thumbnails(corpus, hits, args.thumbnails)
     if args.json:
         for h in hits:
             print(json.dumps(h.row(), ensure_ascii=False, sort_keys=True))
