@@ -23,6 +23,7 @@ from transforms.assemble import JoinNeighbours
 from transforms.parquet_io import WriteSortedParquet, atomic_open
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
+from transforms.report import report_doc
 from transforms.rng import is_held_out, stable_hash
 from transforms.validate import printable
 
@@ -236,7 +237,7 @@ class ReportSample(beam.PTransform):
         )
         docs = (
             examples
-            | "Thumbnails" >> beam.Map(_report_doc)  # waits for retrieval: thumbnails, not whole examples
+            | "Thumbnails" >> beam.Map(report_doc)  # waits for retrieval: thumbnails, not whole examples
             | "Docs" >> beam.Filter(lambda d, keys: d[0] in keys, beam.pvalue.AsSingleton(wanted))
             | "DocList" >> beam.combiners.ToList()
         )
@@ -245,24 +246,15 @@ class ReportSample(beam.PTransform):
         )
 
 
-def _report_doc(e) -> tuple:
-    """(key, caption, report thumbnail JPEG or None, modality): what the report shows of a document."""
-    from transforms.report import thumbnail_jpeg
-
-    return e.key, e.caption, thumbnail_jpeg(e.image), e.modality
-
-
 def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
-    import base64
-
     import fsspec
+
+    from transforms.report import report_doc_json
 
     by_key = {d[0]: d for d in docs}
 
     def doc(key: str) -> dict:
-        _, caption, thumb, modality = by_key.get(key, (key, None, None, ""))
-        image = base64.b64encode(thumb).decode() if thumb is not None else None
-        return {"key": key, "caption": caption, "image": image, "modality": modality}
+        return report_doc_json(by_key.get(key), key)
 
     queries = []
     for key in sorted(chosen, key=stable_hash):

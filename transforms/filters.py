@@ -42,7 +42,6 @@ Dropped examples are counted (`filtered/<reason>`), written to `filtered/*.parqu
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import time
@@ -54,6 +53,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas.records import IMAGE_TEXT, EmbeddedExample, Filtered
+from transforms.report import report_doc, report_doc_json
 from transforms.rng import stable_hash
 
 FILTERED = "filtered"  # tag of the left-out output, and the counter namespace
@@ -410,7 +410,8 @@ class FilterReportSample(beam.PTransform):
         )
         docs = (
             examples
-            | "Docs" >> beam.Filter(lambda e, keys: e.key in keys, side.AsSingleton(wanted))
+            | "Thumbnails" >> beam.Map(report_doc)  # waits for the dedup: thumbnails, not whole examples
+            | "Docs" >> beam.Filter(lambda d, keys: d[0] in keys, side.AsSingleton(wanted))
             | "DocList" >> beam.combiners.ToList()
         )
         return docs | "Write" >> beam.Map(
@@ -427,12 +428,10 @@ class FilterReportSample(beam.PTransform):
 def _write_report_sample(docs, path, cfg: FilterConfig, histogram, chosen, members, low) -> str:
     from transforms.parquet_io import atomic_open
 
-    by_key = {d.key: d for d in docs}
+    by_key = {d[0]: d for d in docs}
 
     def doc(key: str) -> dict:
-        d = by_key.get(key)
-        image = base64.b64encode(d.image).decode() if d is not None and d.image is not None else None
-        return {"key": key, "caption": d.caption if d else None, "image": image, "modality": d.modality if d else ""}
+        return report_doc_json(by_key.get(key), key)
 
     groups = []
     for key in chosen:  # sorted keys: the same page whatever the runner

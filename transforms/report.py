@@ -51,6 +51,9 @@ def thumbnail_jpeg(image: bytes | None, side: int = THUMB_SIDE) -> bytes | None:
 
     try:
         with Image.open(io.BytesIO(image)) as im:
+            im.draft(
+                "RGB", (side, side)
+            )  # JPEG: decode at 1/2..1/8 scale, still at least side; every example pays this
             im = im.convert("RGB")
             im.thumbnail((side, side))
             buf = io.BytesIO()
@@ -58,6 +61,22 @@ def thumbnail_jpeg(image: bytes | None, side: int = THUMB_SIDE) -> bytes | None:
     except Exception:  # the report must not fail on one odd image
         return None
     return buf.getvalue()
+
+
+def report_doc(e) -> tuple:
+    """(key, caption, report thumbnail JPEG or None, modality): what a report shows of an example.
+
+    Report samples take this early, before they wait on a side input, so a runner holds thumbnails
+    of every example meanwhile, never whole images.
+    """
+    return e.key, e.caption, thumbnail_jpeg(e.image), e.modality
+
+
+def report_doc_json(doc: tuple | None, key: str) -> dict:
+    """A `report_doc` as the staged JSON holds it (thumbnail base64); an unknown key has no caption or image."""
+    _, caption, thumb, modality = doc or (key, None, None, "")
+    image = base64.b64encode(thumb).decode() if thumb is not None else None
+    return {"key": key, "caption": caption, "image": image, "modality": modality}
 
 
 def thumbnail_uri(image: bytes | None, side: int = THUMB_SIDE) -> str | None:
@@ -240,13 +259,10 @@ def histogram_svg(
     )
 
 
-def _b64(data: str | None) -> bytes | None:
-    return base64.b64decode(data) if data else None
-
-
 def _filtered_card(d: Mapping[str, Any], label: str) -> str:
+    thumb = DATA_URI + d["image"] if d.get("image") else None  # the staged sample holds report thumbnails
     return (
-        f'<div class="card">{_image(_b64(d.get("image")))}{_caption(d.get("caption"))}'
+        f'<div class="card">{_image(thumb)}{_caption(d.get("caption"))}'
         f'<div class="meta">{_e(label)}</div><div class="key">{_e(d.get("key"))}</div></div>'
     )
 
