@@ -202,11 +202,6 @@ class BuildConfig:
             raise SystemExit(f"cm3corpus build: --vocab {vocab!r}: expected native or chameleon:DIR")
         if vocab != "native" and values.get("text_tokenizer"):
             raise SystemExit("cm3corpus build: --text_tokenizer and --vocab chameleon:DIR both name the text tokenizer")
-        score, threshold = values.get("min_clip_score"), values.get("dedup_threshold")
-        if score is not None and not -1.0 <= score <= 1.0:  # NaN fails too
-            raise SystemExit(f"cm3corpus build: --min_clip_score {score}: expected a cosine in [-1, 1]")
-        if threshold is not None and not 0.0 < threshold <= 1.0:
-            raise SystemExit(f"cm3corpus build: --dedup_threshold {threshold}: expected a cosine in (0, 1]")
         check_ranges(values)
         if not values.get("memory_bank"):
             needing = [
@@ -218,7 +213,7 @@ class BuildConfig:
 
 
 # Every numeric flag's range, checked before any work starts: (flag, smallest, largest, what it must be).
-# None is no bound; `open` bounds exclude the value itself.
+# None is no bound; an excluded end is written as its float neighbour (math.nextafter).
 _AT_LEAST_1 = (1, None, "at least 1")
 RANGES = {
     "max_image_pixels": _AT_LEAST_1,
@@ -232,6 +227,8 @@ RANGES = {
     "diversity_threshold": (-1.0, 1.0, "a number from -1 to 1 (a cosine similarity)"),
     "query_dropout": (0.0, 1.0, "a share from 0 to 1"),
     "holdout_fraction": (0.0, math.nextafter(1.0, 0.0), "a share from 0 up to (not including) 1"),
+    "min_clip_score": (-1.0, 1.0, "a number from -1 to 1 (a cosine similarity)"),
+    "dedup_threshold": (math.nextafter(0.0, 1.0), 1.0, "a cosine above 0, up to 1"),
     "text_vocab_size": _AT_LEAST_1,
     "tokenize_batch_size": _AT_LEAST_1,
     "image_codebook_size": (2, None, "at least 2"),

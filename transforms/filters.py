@@ -23,7 +23,7 @@ a–b–c (a~b, b~c, a not ~ c) leaves out both b and c: a decision never waits 
 kept document, since every step goes strictly earlier in keep order.
 
 Determinism of the search: a Flat bank's range search takes a BLAS path for big batches and a scalar
-one for small, which differ in the last bit, so it searches SEARCH_MARGIN below T and rescores each
+one for small, which differ in the last bit, so it searches RANGE_MARGIN below T and rescores each
 found pair with faiss's scalar inner product before comparing with T (as retrieval does). An IVF bank
 scans one query at a time, so its scores are per pair already; the same limits as retrieval apply
 (list choice at the nprobe boundary, CPU SIMD level), and a PQ bank (over 4 GiB of vectors) compares
@@ -54,11 +54,12 @@ from apache_beam.metrics import Metrics
 
 from schemas.records import IMAGE_TEXT, EmbeddedExample, Filtered
 from transforms.report import report_doc, report_doc_json
+from transforms.retrieve import _rescore
 from transforms.rng import stable_hash
 
 FILTERED = "filtered"  # tag of the left-out output, and the counter namespace
 SCORES = "scores"  # tag of the CLIP-score output
-SEARCH_MARGIN = 1e-3  # the range search reaches this far below T; the scalar rescore decides
+RANGE_MARGIN = 1e-3  # the range search reaches this far below T; the scalar rescore decides
 HIST_LO, HIST_BINS = -1.0, 100  # CLIP-score histogram: 100 bins of 0.02 over [-1, 1]
 HIST_WIDTH = 2.0 / HIST_BINS
 REPORT_GROUPS = 3  # duplicate groups in the report, twice: the closest to T and a key-hash sample
@@ -200,43 +201,24 @@ def _by_pixels(e: EmbeddedExample):
 def range_search(bank, queries: np.ndarray, threshold: float) -> list[list[tuple[int, float]]]:
     """Every (faiss id, cosine) within `threshold` of each query, with batch-independent cosines.
 
-    A Flat bank is searched SEARCH_MARGIN lower and each found pair rescored with faiss's scalar inner
-    product (`fvec_inner_products_by_idx`); an IVF bank's per-query scan scores are kept.
+    A Flat bank is searched RANGE_MARGIN lower and each found pair rescored as retrieval rescores
+    (`retrieve._rescore`: faiss's scalar inner product); an IVF bank's per-query scan scores are kept.
     """
-    import faiss
-
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if bank.count == 0 or len(queries) == 0:
         return [[] for _ in queries]
-    lims, scores, ids = bank.index.range_search(queries, float(threshold - SEARCH_MARGIN))
+    lims, scores, ids = bank.index.range_search(queries, float(threshold - RANGE_MARGIN))
     lims = lims.astype(np.int64)  # faiss hands back size_t offsets
     counts = np.diff(lims)
     width = int(counts.max()) if len(counts) else 0
     found = np.full((len(queries), max(width, 1)), -1, dtype=np.int64)
     columns = np.arange(len(ids)) - np.repeat(lims[:-1], counts)
     found[np.repeat(np.arange(len(queries)), counts), columns] = ids
-    if bank.is_flat:
-        table, pos = bank.vector_table(found)
-        rows = np.ascontiguousarray(np.where(found >= 0, pos, -1), dtype=np.int64)
-        exact = np.empty(found.shape, dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(
-            faiss.swig_ptr(exact),
-            faiss.swig_ptr(queries),
-            faiss.swig_ptr(table),
-            faiss.swig_ptr(rows),
-            queries.shape[1],
-            len(queries),
-            found.shape[1],
-        )
-    else:
-        exact = np.full(found.shape, -np.inf, dtype=np.float32)
-        exact[found >= 0] = scores
+    padded = np.full(found.shape, -np.inf, dtype=np.float32)
+    padded[found >= 0] = scores
+    found, exact, _ = _rescore(queries, found, bank, padded)  # retrieval's batch-independent cosines
     return [
-        [
-            (int(i), float(s))
-            for i, s in zip(found[r, : counts[r]], exact[r, : counts[r]], strict=True)
-            if s >= threshold
-        ]
+        [(int(i), float(s)) for i, s in zip(found[r], exact[r], strict=True) if i >= 0 and s >= threshold]
         for r in range(len(queries))
     ]
 
