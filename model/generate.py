@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from transforms.query import RULE_CHECKS, check_flags
+
 RUN_JSON = "run.json"
 INDEX_HTML = "index.html"
 
@@ -396,17 +398,13 @@ CHECKS = (
     ("--top_p", lambda a: 0 < a.top_p <= 1, "in (0, 1]"),
     ("--batch_size", lambda a: a.batch_size >= 1, "at least 1"),
     ("--max_caption_tokens", lambda a: a.max_caption_tokens >= 1, "at least 1"),
-    ("--max_similarity", lambda a: -1 <= a.max_similarity <= 1, "in [-1, 1]"),
-    ("--diversity_threshold", lambda a: -1 <= a.diversity_threshold <= 1, "in [-1, 1]"),
-    ("--topk", lambda a: a.topk >= 1, "at least 1"),
+    *RULE_CHECKS,
 )
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     """The settings from parsed flags; a bad value is a one-line error naming the flag."""
-    for flag, ok, what in CHECKS:
-        if not ok(args):
-            raise SystemExit(f"cm3corpus generate: {flag} must be {what}, got {getattr(args, flag[2:])}")
+    check_flags(args, CHECKS, "generate")
     if args.image and args.cfg not in (None, 1.0):
         raise SystemExit("cm3corpus generate: --cfg applies to text to image (--prompt) only")
     if args.image and args.cd_k is not None:

@@ -378,15 +378,26 @@ def read_image_file(path: str, flag: str = "--image") -> bytes:
     return checked.image
 
 
+# The retrieval-rule flags `query --rules` and `generate` share: (flag, check, what it must be). NaN fails.
+RULE_CHECKS = (
+    ("--max_similarity", lambda a: -1 <= a.max_similarity <= 1, "in [-1, 1]"),
+    ("--diversity_threshold", lambda a: -1 <= a.diversity_threshold <= 1, "in [-1, 1]"),
+    ("--topk", lambda a: a.topk >= 1, "at least 1"),
+)
+
+
+def check_flags(args: argparse.Namespace, checks, command: str) -> None:
+    """Refuse the first flag whose check fails, in one line naming it."""
+    for flag, ok, what in checks:
+        if not ok(args):
+            raise SystemExit(f"cm3corpus {command}: {flag} must be {what}, got {getattr(args, flag[2:])}")
+
+
 def rules_from_args(args: argparse.Namespace):
     """RetrievalRules from the --max_similarity / --diversity_threshold / --topk flags (ranges checked)."""
     from transforms.retrieve import RetrievalRules
 
-    for flag, value in (("--max_similarity", args.max_similarity), ("--diversity_threshold", args.diversity_threshold)):
-        if not -1.0 <= value <= 1.0:
-            raise SystemExit(f"{flag} must lie in [-1, 1], got {value}")
-    if args.topk < 1:
-        raise SystemExit(f"--topk must be at least 1, got {args.topk}")
+    check_flags(args, RULE_CHECKS, "query")
     d = RetrievalRules()
     return RetrievalRules(d.num_retrieved, args.max_similarity, args.diversity_threshold, args.topk)
 
