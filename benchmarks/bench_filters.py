@@ -125,7 +125,7 @@ def sweep(corpus: str, meta: dict) -> tuple[list[str], list[str]]:
     """Both rules re-run in numpy on the baseline build's embeddings, for a range of thresholds."""
     from schemas import artifacts
     from transforms.filters import keep_order
-    from transforms.parquet_io import read_table
+    from transforms.lib.io import read_table
 
     dim = json.load(open(f"{corpus}/memory_bank/bank.json"))["dim"]
     table = read_table(f"{corpus}/embeddings", artifacts.embeddings_schema(dim)).to_pylist()
@@ -177,7 +177,7 @@ def sweep(corpus: str, meta: dict) -> tuple[list[str], list[str]]:
 def measure(size: int, workdir: str, s: float, t: float) -> dict:
     from pipelines.demo_data import add_filter_cases, sample_meta, write_demo_corpus
     from schemas import artifacts
-    from transforms.parquet_io import read_table
+    from transforms.lib.io import read_table
 
     data = f"{workdir}/data-{size}"
     write_demo_corpus(data, num_examples=size, seed=0, image_size=64, shard_size=250)

@@ -1,4 +1,4 @@
-"""Generation tokens/s with the KV cache (`model/cm3.py` KVCache) against without it.
+"""Generation tokens/s with the KV cache (`model/decoder.py` KVCache) against without it.
 
 Both paths run `model.sample.generate` on the same model, prompt, guidance and seed: without the cache
 every new token re-runs the whole context (what the sampler did before), with it each token costs one
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn as nn
 
-from model.cm3 import CM3Config, CM3Decoder
+from model.decoder import CM3Config, CM3Decoder
 from model.sample import generate
 
 TARGET = 5.0

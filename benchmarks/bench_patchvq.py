@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from transforms.tokenize import PatchVQTokenizer
+from transforms.lib.tokenize import PatchVQTokenizer
 
 
 def _best(fn, repeats: int) -> float:

@@ -108,7 +108,7 @@ def build_flags(settings: str, workdir: str) -> list[str]:
     if not codebook.exists():
         import numpy as np
 
-        from transforms.tokenize import PatchVQTokenizer
+        from transforms.lib.tokenize import PatchVQTokenizer
 
         patches = np.random.default_rng(0).integers(0, 256, (8192, 8 * 8 * 3), dtype=np.uint8)
         PatchVQTokenizer(patches, 256, 8).save(str(codebook))

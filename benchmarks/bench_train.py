@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cm3 import CM3Config, CM3Decoder  # noqa: E402
 from model.data import SYNTHETIC_VOCAB, shard_loader, synthetic_sample, write_synthetic_corpus  # noqa: E402
+from model.decoder import CM3Config, CM3Decoder  # noqa: E402
 from model.train import TrainConfig, make_optimizer  # noqa: E402
 
 

@@ -40,7 +40,7 @@ def save_release(root: Path, arch: dict, resolution: int, seed: int = 0) -> Path
     import torch
     import yaml
 
-    from transforms.vqgan import VQGANConfig, build_model
+    from transforms.lib.vqgan import VQGANConfig, build_model
 
     cfg = VQGANConfig(resolution=resolution, **arch)
     torch.manual_seed(seed)
@@ -89,9 +89,9 @@ def make_examples(n: int, resolution: int, seed: int = 0) -> list:
 
 def tokenizers_dir(directory: str, release: Path, device: str, dtype: str):
     """Write a corpus's `tokenizers/` with the VQ-GAN, and load it as a worker does (once)."""
+    from transforms.lib.tokenize import build_vocab, fit_text_tokenizer, write_tokenizers
+    from transforms.lib.vqgan import load_vqgan
     from transforms.sequences import load_once
-    from transforms.tokenize import build_vocab, fit_text_tokenizer, write_tokenizers
-    from transforms.vqgan import load_vqgan
 
     text_tok = fit_text_tokenizer([f"a field of colour number {i}" for i in range(64)], 300)
     image_tok = load_vqgan(str(release))
@@ -106,7 +106,7 @@ def bare_loop(tok, examples, batch_size: int) -> np.ndarray:
     import torch
     from PIL import Image
 
-    from transforms.vqgan import preprocess
+    from transforms.lib.vqgan import preprocess
 
     param = next(tok.model.encoder.parameters())
     out = []

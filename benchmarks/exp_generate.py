@@ -85,7 +85,7 @@ class ZeroShot:
 def image_nll(model, corpus: Corpus, caption: str, key: str, neighbours: list) -> float | None:
     """Mean loss of the example's real image tokens after the prompt (with these documents before it)."""
     from model.sample import text_to_image_prompt
-    from transforms.tokenize import encode_caption
+    from transforms.lib.tokenize import encode_caption
 
     text_tok, _, vocab = corpus.tokenizers
     doc = corpus.documents([key]).get(key)

@@ -30,7 +30,7 @@ def main() -> int:
 
     from benchmarks.bench_defaults import demo_pairs
     from transforms.embed import ClipEmbedder, resolve_clip
-    from transforms.tokenize import load_image_tokenizer
+    from transforms.lib.tokenize import load_image_tokenizer
 
     examples = demo_pairs(args.data)[: args.n]
     embedder = ClipEmbedder(*resolve_clip(args.clip_model, args.clip_pretrained, args.device), args.device)

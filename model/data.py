@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
 
-QUERY = -1  # a segment's doc_index for the query (transforms.cm3.QUERY)
+QUERY = -1  # a segment's doc_index for the query (transforms.lib.layout.QUERY)
 
 
 # ---------------------------------------------------------------------------------------------

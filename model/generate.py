@@ -67,7 +67,7 @@ class GenerateConfig:
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index`: from (seed, index) alone, so it does not depend on --num_samples."""
-    from transforms.rng import rng_for
+    from transforms.lib.rng import rng_for
 
     return int(rng_for(seed, f"sample-{index}", "generate").integers(2**62))
 
@@ -156,9 +156,9 @@ def run_generate(
     import torch
 
     from model.sample import generate, image_to_caption_prompt, text_to_image_prompt
+    from transforms.lib.tokenize import decode_text, encode_caption, encode_image
     from transforms.query import read_image_file
     from transforms.retrieve import RetrievalRules
-    from transforms.tokenize import decode_text, encode_caption, encode_image
 
     text_tok, image_tok, vocab = corpus.tokenizers
     if getattr(vocab, "kind", "native") != "native":
@@ -338,7 +338,7 @@ def render_html(run: dict, images: dict[int, bytes], doc_images: dict[str, bytes
 
 def write_outputs(output: str, run: dict, images: dict[int, bytes], corpus, docs: dict) -> None:
     """The PNGs, run.json and index.html under `output` (each to a temporary name, then renamed)."""
-    from transforms.parquet_io import atomic_open
+    from transforms.lib.io import atomic_open
 
     os.makedirs(output, exist_ok=True)
     for x in run["samples"]:

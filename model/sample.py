@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.cm3 import CM3Decoder, KVCache
+from model.decoder import CM3Decoder, KVCache
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
 
 
@@ -253,7 +253,7 @@ def _check_range(ids: Sequence[int], start: int, stop: int, what: str) -> list[i
 
 def _laid_out(vocab: Vocab, neighbours: Sequence[Any], query: Any, seq_len: int | None, reserve: int):
     """The build's layout of the retrieved documents and the query, its closing `<eod>` dropped."""
-    from transforms.cm3 import Doc, layout
+    from transforms.lib.layout import Doc, layout
 
     docs = [Doc(n.text_ids, n.image_ids) for n in neighbours]
     lay = layout(docs, query, seq_len if seq_len is not None else 2**62, reserve=reserve, vocab=vocab)
@@ -267,7 +267,7 @@ def text_to_image_prompt(
     """`<eod> T1 <break> I1 <break> ... T <break>`, then `tokens_per_image` image codes.
 
     The retrieved documents come first, laid out as the build lays out a training sequence
-    (`transforms.cm3.layout`). The guidance stream is RA-CM3's unconditional one: the same retrieved
+    (`transforms.lib.layout.layout`). The guidance stream is RA-CM3's unconditional one: the same retrieved
     documents with the caption masked (`<sentinel:0>` where the caption stood), so guidance pushes
     towards the caption, not away from the documents. With no documents the two streams are
     `<eod> T <break>` and `<eod> <sentinel:0> <break>`.
@@ -279,7 +279,7 @@ def text_to_image_prompt(
         seq_len: the model's positions; documents are dropped from the first one on to leave room
             for the image, as the build drops them for length.
     """
-    from transforms.cm3 import Doc
+    from transforms.lib.layout import Doc
 
     caption = _check_range(caption_ids, vocab.text_start, vocab.image_start, "caption")
     tpi = vocab.tokens_per_image
@@ -306,7 +306,7 @@ def image_to_caption_prompt(
 
     The guidance stream (used only when asked for) is the retrieved documents with the image masked.
     """
-    from transforms.cm3 import Doc
+    from transforms.lib.layout import Doc
 
     image = _check_range(image_ids, vocab.image_start, vocab.size, "image")
     s0 = vocab.sentinel(0)

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from model.cm3 import CM3Config, CM3Decoder
 from model.data import expand_shards, find_vocab, shard_loader, split_eval
+from model.decoder import CM3Config, CM3Decoder
 from schemas.vocab import PAD
 
 CKPT = "ckpt.pt"

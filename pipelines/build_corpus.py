@@ -20,12 +20,13 @@ from pipelines.options import BuildConfig, CorpusOptions, resolve_inputs
 from schemas import artifacts
 from schemas.records import Example, Reject
 from transforms.assemble import JoinNeighbours
-from transforms.parquet_io import WriteSortedParquet, atomic_open
+from transforms.lib.io import atomic_open
+from transforms.lib.report import report_doc
+from transforms.lib.rng import is_held_out, stable_hash
+from transforms.lib.validate import printable
+from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
 from transforms.read import ReadExamples, expand_inputs
-from transforms.report import report_doc
-from transforms.rng import is_held_out, stable_hash
-from transforms.validate import printable
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -249,7 +250,7 @@ class ReportSample(beam.PTransform):
 def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
     import fsspec
 
-    from transforms.report import report_doc_json
+    from transforms.lib.report import report_doc_json
 
     by_key = {d[0]: d for d in docs}
 
@@ -271,7 +272,7 @@ def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
 
 
 def _render_report(fs, root: str, stats: dict) -> None:
-    from transforms.report import DATA_URI, write_report
+    from transforms.lib.report import DATA_URI, write_report
 
     sample = f"{root}/{STAGING}/{REPORT_SAMPLE}"
     if not fs.exists(sample):

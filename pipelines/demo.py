@@ -50,9 +50,9 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
 
     from model.sample import generate_caption, generate_image
     from model.train import TrainConfig, load_model, train
-    from transforms.report import append_section, training_section
+    from transforms.lib.report import append_section, training_section
+    from transforms.lib.tokenize import decode_text, encode_caption, encode_image
     from transforms.sequences import load_once
-    from transforms.tokenize import decode_text, encode_caption, encode_image
 
     cfg = TrainConfig(
         shards=f"{corpus}/shards/cm3-*.tar",

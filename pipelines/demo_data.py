@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from transforms.rng import rng_for
+from transforms.lib.rng import rng_for
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 # Saturated, well-separated hues; none is close to a background, so an object never vanishes.

@@ -264,7 +264,7 @@ def check_ranges(values: dict) -> None:
     size, patch = values.get("image_size", 256), values.get("image_patch_size", 8)
     if size % patch:
         refuse("image_size", f"must be a multiple of --image_patch_size {patch}")
-    from transforms.cm3 import TOKENS_PER_SPAN
+    from transforms.lib.layout import TOKENS_PER_SPAN
     from transforms.sequences import NUM_SENTINELS
 
     # One document whole: <eod> caption <break> image <eod>, and the causal-masking reserve.

@@ -2,7 +2,7 @@
 
 `Vocab` (the default, "native"): specials, then text tokens, then image codes, in ranges.
 `ChameleonVocab`: Meta Chameleon's 65,536-entry space, every id read from its `text_tokenizer.json`
-(see `transforms/chameleon.py` for how each CM3 role was chosen).
+(see `transforms/lib/chameleon.py` for how each CM3 role was chosen).
 
 `tokenizers/vocab.json` is `to_json()` of either; `load_vocab` reads both back (`Vocab.from_json`
 only the native one, which is what the trainer here can train on). Ranges are half-open `[start, stop)`.
@@ -106,7 +106,7 @@ class ChameleonVocab:
 
     An image is written as Chameleon writes it: `boi` (`<racm3:break>`), its codes mapped to their
     `IMGIMG...Z` entries, `eoi` (`<eoss>`). CM3's own markers (`<eod>`, `<break>`, the span end
-    and the sentinels) are reserved tokens, chosen by `transforms.chameleon.chameleon_vocab`.
+    and the sentinels) are reserved tokens, chosen by `transforms.lib.chameleon.chameleon_vocab`.
     """
 
     size: int  # entries of the tokenizer (65,536 in the release)

@@ -16,9 +16,9 @@ from pipelines import build_corpus
 from pipelines.demo import demo_build_flags
 from pipelines.demo_data import write_demo_corpus
 from schemas import artifacts
-from transforms.cm3 import unmask
-from transforms.parquet_io import read_table
-from transforms.tokenize import decode_image, decode_text, load_tokenizers, psnr
+from transforms.lib.io import read_table
+from transforms.lib.layout import unmask
+from transforms.lib.tokenize import decode_image, decode_text, load_tokenizers, psnr
 
 NUM_EXAMPLES = 400
 

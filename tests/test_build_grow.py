@@ -12,7 +12,7 @@ from pipelines import build_corpus
 from pipelines.demo import demo_build_flags
 from pipelines.demo_data import write_demo_corpus
 from schemas import artifacts
-from transforms.parquet_io import read_table
+from transforms.lib.io import read_table
 
 
 def prefixed_copy(src, dst, prefix: str) -> None:
@@ -73,7 +73,7 @@ def test_new_documents_join_the_old_bank_without_a_rebuild(tmp_path):
 
 
 def test_held_out_examples_are_queries_but_never_neighbours(tmp_path):
-    from transforms.rng import is_held_out
+    from transforms.lib.rng import is_held_out
 
     write_demo_corpus(str(tmp_path / "data"), num_examples=200, seed=4, shard_size=100)
     stats = build(f"{tmp_path}/data/*.tar", tmp_path / "out", "--holdout_fraction=0.1")

@@ -16,7 +16,7 @@ from pipelines import build_corpus
 from pipelines.demo import demo_build_flags
 from schemas import artifacts
 from tests.badinputs import add_member, encode, rgb, write_tar
-from transforms.parquet_io import read_table
+from transforms.lib.io import read_table
 
 
 def run_build(inp, out, *extra):
@@ -187,7 +187,7 @@ _READ_CHILD = textwrap.dedent(
     from pipelines.options import BuildConfig
     from schemas.records import RawSample
     from transforms.read import _budgets, expand_inputs, fetch_parts, read_unit
-    from transforms.validate import validate
+    from transforms.lib.validate import validate
     cfg = BuildConfig(input=tuple(a.split("=", 1)[1] for a in sys.argv[2:]), output="unused", max_image_bytes=2**20)
     budgets = _budgets(cfg)
     for unit in expand_inputs(cfg.input):

@@ -10,7 +10,7 @@ from pipelines import build_corpus
 from pipelines.demo import demo_build_flags
 from schemas import artifacts
 from tests.badinputs import cases, encode, rgb, write_tar
-from transforms.parquet_io import read_table
+from transforms.lib.io import read_table
 
 BUDGET_FLAGS = ["--max_image_pixels=1000000", "--max_image_bytes=1048576", *demo_build_flags()]
 

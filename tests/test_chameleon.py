@@ -23,9 +23,9 @@ from tests.tiny_vqgan import (
     save_chameleon_tokenizer,
     tiny_weights,
 )
-from transforms.chameleon import chameleon_vocab, image_code_of, image_token_name, text_only, tokenizer_path
-from transforms.cm3 import Doc, cm3_sequence, unmask
-from transforms.tokenize import (
+from transforms.lib.chameleon import chameleon_vocab, image_code_of, image_token_name, text_only, tokenizer_path
+from transforms.lib.layout import Doc, cm3_sequence, unmask
+from transforms.lib.tokenize import (
     decode_image,
     decode_text,
     encode_caption,
@@ -34,7 +34,7 @@ from transforms.tokenize import (
     load_tokenizers,
     write_tokenizers,
 )
-from transforms.vqgan import load_vqgan
+from transforms.lib.vqgan import load_vqgan
 
 CAPTIONS = sorted(f"a {c} {s} on a {b} background" for c in ("red", "blue") for s in ("disc", "box") for b in "xy")
 

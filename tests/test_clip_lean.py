@@ -1,4 +1,4 @@
-"""transforms/clip_lean.py: the prefix-shared text pass and the pooled-only last block agree with open_clip."""
+"""transforms/lib/clip_lean.py: the prefix-shared text pass and the pooled-only last block agree with open_clip."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import open_clip
 import pytest
 import torch
 
-from transforms import clip_lean, embed
+from transforms import embed
+from transforms.lib import clip_lean
 
 CAPTIONS = [
     "a red circle",

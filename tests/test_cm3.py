@@ -7,7 +7,7 @@ import pytest
 
 from schemas.records import TokenizedDoc
 from schemas.vocab import BREAK, EOD, EOSS, Vocab
-from transforms.cm3 import (
+from transforms.lib.layout import (
     IMAGE,
     QUERY,
     TEXT,

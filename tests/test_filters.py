@@ -22,10 +22,10 @@ from schemas import artifacts
 from schemas.records import EmbeddedExample, Example, Filtered
 from transforms import filters
 from transforms.filters import FilterConfig, FilterCorpus, HistogramFn, first_earlier, keep_order, split_exact
+from transforms.lib.io import read_table
+from transforms.lib.report import filters_section, histogram_svg
+from transforms.lib.rng import stable_hash
 from transforms.memory_bank import Bank
-from transforms.parquet_io import read_table
-from transforms.report import filters_section, histogram_svg
-from transforms.rng import stable_hash
 
 
 def unit(v) -> np.ndarray:
@@ -59,7 +59,7 @@ def test_pixel_hash_is_the_same_picture_in_any_lossless_format_and_only_that_pic
     from PIL import Image
 
     from schemas.records import RawSample
-    from transforms.validate import Budgets, validate
+    from transforms.lib.validate import Budgets, validate
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)

@@ -11,6 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.artifacts import MEMORY_BANK_IDS
 from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, EmbeddedExample
+from transforms.lib.rng import stable_hash
 from transforms.memory_bank import (
     BuildMemoryBank,
     add_part,
@@ -25,7 +26,6 @@ from transforms.memory_bank import (
     train_index,
     write_bank,
 )
-from transforms.rng import stable_hash
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

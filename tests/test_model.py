@@ -1,4 +1,4 @@
-"""The CM3 decoder's architecture and initialisation rules, and sampling (model/cm3.py, model/sample.py)."""
+"""The CM3 decoder's architecture and initialisation rules, and sampling (model/decoder.py, model/sample.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.cm3 import INIT_STD, CM3Config, CM3Decoder, KVCache
+from model.decoder import INIT_STD, CM3Config, CM3Decoder, KVCache
 from model.sample import (
     ImageSpanRule,
     _top_p,

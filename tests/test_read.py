@@ -13,8 +13,8 @@ from PIL import Image
 
 from schemas.records import Example, RawSample, Reject
 from tests.badinputs import add_member, cases, encode, rgb, write_tar
+from transforms.lib.validate import Budgets, validate
 from transforms.read import expand_inputs, fetch_parts, read_manifest, read_tar
-from transforms.validate import Budgets, validate
 
 BUDGETS = Budgets(max_image_pixels=1_000_000, max_image_bytes=2**20, min_image_side=8, max_caption_chars=8192)
 

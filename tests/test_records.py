@@ -7,8 +7,8 @@ import pytest
 from apache_beam.coders import typecoders
 
 from schemas.records import EmbeddedExample, Example, Neighbour, TokenizedDoc
+from transforms.lib.shards import ShardSample
 from transforms.retrieve import RetrievalCounts
-from transforms.shards import ShardSample
 
 CODER = typecoders.registry.get_coder(object)  # what Beam uses for a PCollection of unknown type
 

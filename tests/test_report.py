@@ -8,7 +8,7 @@ import re
 
 from PIL import Image
 
-from transforms.report import render_report, thumbnail_uri, write_report
+from transforms.lib.report import render_report, thumbnail_uri, write_report
 
 
 def png(color=(200, 30, 30), size=(300, 200)) -> bytes:
@@ -74,7 +74,7 @@ def test_write_report_renames_into_place(tmp_path):
 
 
 def test_training_section_is_appended_inside_the_body(tmp_path):
-    from transforms.report import append_section, loss_curve_svg, training_section, write_report
+    from transforms.lib.report import append_section, loss_curve_svg, training_section, write_report
 
     path = tmp_path / "report.html"
     write_report(str(path), [], {"examples_read": 3})

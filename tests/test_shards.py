@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.artifacts import SHARD_MANIFEST
-from transforms.shards import (
+from transforms.lib.shards import (
     ShardSample,
     num_shards_for,
     sample_nbytes,

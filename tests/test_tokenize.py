@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from schemas.vocab import Vocab
-from transforms.tokenize import (
+from transforms.lib.tokenize import (
     IMAGE_TOKENIZER_FILE,
     TEXT_TOKENIZER_FILE,
     VOCAB_FILE,
@@ -92,7 +92,7 @@ def test_text_tokenizer_has_no_specials_and_learns_merges(text_tok):
 
 def test_text_fit_is_deterministic_across_processes():
     script = (
-        "import hashlib; from transforms.tokenize import fit_text_tokenizer; "
+        "import hashlib; from transforms.lib.tokenize import fit_text_tokenizer; "
         f"t = fit_text_tokenizer({CAPTIONS!r}, 300); print(hashlib.sha256(t.to_str().encode()).hexdigest())"
     )
     runs = {

@@ -137,8 +137,8 @@ def test_query_token_loss_mask_follows_spans_to_the_end():
 
 
 def test_query_token_loss_mask_matches_the_corpus_masker():
-    """Against transforms.cm3 (the pipeline's layout and masking): the mask picks exactly the query's ids."""
-    from transforms.cm3 import Doc, cm3_sequence
+    """Against transforms.lib.layout (the pipeline's layout and masking): the mask picks exactly the query's ids."""
+    from transforms.lib.layout import Doc, cm3_sequence
 
     vocab = Vocab(num_sentinels=4, text_size=100, image_codes=100, tokens_per_image=8)
     t, i = vocab.text_start, vocab.image_start

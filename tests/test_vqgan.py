@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from tests.tiny_vqgan import TINY, pictures, save_chameleon, save_safetensors, save_taming, tiny_weights
-from transforms.tokenize import ImageTokenizer, load_image_tokenizer, psnr
-from transforms.vqgan import CHAMELEON, TAMING, VQGANTokenizer, find_layout, load_vqgan, main, preprocess
+from transforms.lib.tokenize import ImageTokenizer, load_image_tokenizer, psnr
+from transforms.lib.vqgan import CHAMELEON, TAMING, VQGANTokenizer, find_layout, load_vqgan, main, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_pickle_checkpoint_is_refused_and_nothing_runs(tmp_path, weights):
         load_vqgan(str(root))
     message = str(err.value)
     assert "needs arbitrary unpickling" in message and "weights_only=True" in message
-    assert "python -m transforms.vqgan convert --trust-pickle" in message and "vqgan.safetensors" in message
+    assert "python -m transforms.lib.vqgan convert --trust-pickle" in message and "vqgan.safetensors" in message
     assert not marker.exists()
 
 

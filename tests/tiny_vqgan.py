@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.chameleon import image_token_name
-from transforms.vqgan import VQGANConfig, build_model
+from transforms.lib.chameleon import image_token_name
+from transforms.lib.vqgan import VQGANConfig, build_model
 
 # ch 32 (GroupNorm needs 32 | channels), three halvings of 64 px: an 8 x 8 grid, 64 tokens an image.
 TINY = VQGANConfig(
@@ -126,7 +126,7 @@ def chameleon_tokenizer_json(captions: list[str], image_entries: int = IMAGE_ENT
     """A `text_tokenizer.json` shaped like Chameleon's: specials first, then IMGIMG entries whose ids
     follow their names' sort order (so code -> id is not an offset), `<eoss>`, `<racm3:break>`, the
     reserved tokens (HF's two first), then a byte-level BPE fitted on `captions`."""
-    from transforms.tokenize import fit_text_tokenizer
+    from transforms.lib.tokenize import fit_text_tokenizer
 
     bpe = json.loads(fit_text_tokenizer(captions, 400).to_str())
     vocab: dict[str, int] = {}

@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from schemas.records import EmbeddedExample, Example, Reject
-from transforms.clip_lean import (
+from transforms.lib.clip_lean import (
     PROBE_CAPTIONS,
     lean_encode_image,
     lean_encode_text,
@@ -44,8 +44,8 @@ from transforms.clip_lean import (
     row_lengths,
     text_tower,
 )
-from transforms.rng import query_dropout, stable_hash
-from transforms.validate import describe_error, strip_addresses
+from transforms.lib.rng import query_dropout, stable_hash
+from transforms.lib.validate import describe_error, strip_addresses
 
 NAMESPACE = "embed"
 FAILED = "failed"  # tag of the reject output of EmbedExamples

@@ -9,7 +9,7 @@ the embedding stage and the memory bank, in this order:
    examples have no pair to score and pass. The scores of every image+text example go into a
    fixed-bin histogram (a Beam combine) that `report.html` plots with S marked, filters on or off.
 2. Exact duplicates (with `--dedup_threshold`): examples with the same decoded pixels (the hash
-   `transforms.validate.pixel_hash` takes while validating) are grouped by that hash; the first in keep
+   `transforms.lib.validate.pixel_hash` takes while validating) are grouped by that hash; the first in keep
    order stays.
 3. Near duplicates (`--dedup_threshold T`): the survivors are indexed in a scratch bank (the memory
    bank's own `BuildMemoryBank`, under `_staging/`), and each one searches it, 256 queries per faiss
@@ -53,9 +53,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas.records import IMAGE_TEXT, EmbeddedExample, Filtered
-from transforms.report import report_doc, report_doc_json
+from transforms.lib.report import report_doc, report_doc_json
+from transforms.lib.rng import stable_hash
 from transforms.retrieve import _rescore
-from transforms.rng import stable_hash
 
 FILTERED = "filtered"  # tag of the left-out output, and the counter namespace
 SCORES = "scores"  # tag of the CLIP-score output
@@ -408,7 +408,7 @@ class FilterReportSample(beam.PTransform):
 
 
 def _write_report_sample(docs, path, cfg: FilterConfig, histogram, chosen, members, low) -> str:
-    from transforms.parquet_io import atomic_open
+    from transforms.lib.io import atomic_open
 
     by_key = {d[0]: d for d in docs}
 

@@ -32,8 +32,8 @@ from apache_beam.metrics import Metrics
 
 from schemas.artifacts import MEMORY_BANK_IDS, SCHEMA_VERSION
 from schemas.records import IMAGE_TEXT, MODALITIES, EmbeddedExample
-from transforms.parquet_io import atomic_open
-from transforms.rng import stable_hash
+from transforms.lib.io import atomic_open
+from transforms.lib.rng import stable_hash
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"

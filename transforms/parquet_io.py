@@ -7,73 +7,13 @@ follow from its sort key alone; each file is written under a temporary name and 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms.rng import stable_hash
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb", **kwargs):
-    """Open `path` (any fsspec URL) for writing under a unique temporary name beside it; on success
-    rename it into place, on failure remove it. A reader never sees a partial file, and a retried or
-    speculative task never shares a temporary name with another.
-    """
-    import uuid
-
-    import fsspec
-
-    fs, target = fsspec.core.url_to_fs(path)
-    if "/" in target:
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open(tmp, mode, **kwargs) as f:
-            yield f
-        fs.mv(tmp, target)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` (any fsspec URL) through `atomic_open`."""
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def write_table(path: str, table: pa.Table) -> None:
-    """Write `table` to `path` (any fsspec URL) through `atomic_open`."""
-    import pyarrow.parquet as pq
-
-    # store_schema=False: pyarrow cannot read back a null fixed-size list from its own stored
-    # schema (apache/arrow#35692); the types come back from the artifact schema on read instead,
-    # and the artifact name and version travel as plain key-value metadata.
-    with atomic_open(path) as f, pq.ParquetWriter(f, table.schema, compression="zstd", store_schema=False) as w:
-        w.write_table(table)
-        if table.schema.metadata:
-            w.add_key_value_metadata(table.schema.metadata)
-
-
-def read_table(path: str, schema: pa.Schema) -> pa.Table:
-    """Read every parquet file under `path` and check it against `schema`."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, root = fsspec.core.url_to_fs(path)
-    files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if fs.exists(root) else []
-    tables = []
-    for f in files:
-        table = pq.read_table(fs.open(f, "rb"))
-        if table.schema.names != schema.names:
-            raise ValueError(f"{f} has columns {table.schema.names}, the artifact schema {schema.names}")
-        tables.append(table.cast(schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
+from transforms.lib.io import write_table
+from transforms.lib.rng import stable_hash
 
 ROWS_PER_FILE = 50_000  # when the file count follows the row count: bounds what one worker sorts and holds
 

@@ -205,7 +205,7 @@ class Corpus:
     def tokenizers(self) -> tuple:
         """(text tokenizer, image tokenizer, vocab) of the corpus."""
         if self._tokenizers is None:
-            from transforms.tokenize import load_tokenizers
+            from transforms.lib.tokenize import load_tokenizers
 
             self._tokenizers = load_tokenizers(f"{self.root}/tokenizers")
         return self._tokenizers
@@ -226,8 +226,8 @@ class Corpus:
         return {k: self._docs[k] for k in keys if k in self._docs}
 
     def _read_docs(self, wanted: set[str]) -> None:
-        from transforms.cm3 import QUERY, unmask
-        from transforms.tokenize import encode_caption
+        from transforms.lib.layout import QUERY, unmask
+        from transforms.lib.tokenize import encode_caption
 
         text_tok, _, vocab = self.tokenizers
         shards = sorted(Path(self.root, "shards").glob("*.tar")) + sorted(Path(self.root, "shards").glob("*/*.tar"))
@@ -253,7 +253,7 @@ class Corpus:
 
     def thumbnail(self, doc: Doc, side: int = THUMB_SIDE):
         """The document's image decoded from its tokens (a PIL image), or None when it has none."""
-        from transforms.tokenize import decode_image
+        from transforms.lib.tokenize import decode_image
 
         if not doc.image_ids:
             return None
@@ -363,7 +363,7 @@ def read_image_file(path: str, flag: str = "--image") -> bytes:
     flattened onto white), so a query or prompt image is embedded and tokenized as the bank's were.
     """
     from schemas.records import RawSample, Reject
-    from transforms.validate import IMAGE_PARTS, Budgets, validate
+    from transforms.lib.validate import IMAGE_PARTS, Budgets, validate
 
     budgets = Budgets()
     try:

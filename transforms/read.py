@@ -32,7 +32,7 @@ from apache_beam.metrics import Metrics
 
 from schemas.records import RawSample, Reject
 from transforms import progress
-from transforms.validate import IMAGE_PARTS, Budgets, describe_error, printable, safe_key, validate
+from transforms.lib.validate import IMAGE_PARTS, Budgets, describe_error, printable, safe_key, validate
 
 REJECTED = "rejected"  # tag of the reject output of ReadExamples
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

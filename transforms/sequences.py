@@ -23,8 +23,8 @@ from apache_beam.metrics import Metrics
 
 from schemas.records import Example, Reject, TokenizedDoc
 from transforms import progress
-from transforms.rng import rng_for, stable_hash
-from transforms.validate import describe_error
+from transforms.lib.rng import rng_for, stable_hash
+from transforms.lib.validate import describe_error
 
 FAILED = "failed"
 NUM_SENTINELS = 8  # P(Poisson(1) >= 8) ~ 1e-5: more spans than this are never drawn in practice
@@ -106,7 +106,7 @@ class DecodedImages:
 
 
 def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
-    from transforms.tokenize import (
+    from transforms.lib.tokenize import (
         build_vocab,
         fit_patch_vq,
         fit_text_tokenizer,
@@ -117,7 +117,7 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
 
     chameleon = sc.vocab.startswith("chameleon:")
     if chameleon:
-        from transforms.chameleon import tokenizer_path
+        from transforms.lib.chameleon import tokenizer_path
 
         text_tok = load_text_tokenizer(tokenizer_path(sc.vocab[len("chameleon:") :]))
     elif sc.text_tokenizer:
@@ -132,7 +132,7 @@ def _fit_and_write(directory: str, captions, images, sc: SequenceConfig) -> str:
         pictures = DecodedImages([b for _, b in sorted(images)])  # decoded one at a time, not all at once
         image_tok = fit_patch_vq(pictures, sc.image_codebook_size, sc.image_size, sc.image_patch_size, sc.seed)
     if chameleon:
-        from transforms.chameleon import chameleon_vocab
+        from transforms.lib.chameleon import chameleon_vocab
 
         vocab = chameleon_vocab(text_tok, image_tok.num_codes, image_tok.tokens_per_image, NUM_SENTINELS)
     else:
@@ -149,7 +149,7 @@ def unfitted_patch_vq(sc: SequenceConfig):
     their shape (`--image_codebook_size` codes); it is not a trained tokenizer, and the run's stats
     say so (`tokenizers/image_tokenizer_unfitted`). Pass `--image_tokenizer` to tokenize later images.
     """
-    from transforms.tokenize import PatchVQTokenizer
+    from transforms.lib.tokenize import PatchVQTokenizer
 
     Metrics.counter("tokenizers", "image_tokenizer_unfitted").inc()
     print("cm3corpus build: no usable image to fit the image tokenizer on; sequences are text only", file=sys.stderr)
@@ -215,7 +215,7 @@ def forget_loaded() -> None:
 
 def load_once(directory: str) -> tuple:
     """(text tokenizer, image tokenizer, vocab) of `directory`, loaded once per process."""
-    from transforms.tokenize import load_tokenizers
+    from transforms.lib.tokenize import load_tokenizers
 
     with _loaded_lock:
         if directory not in _loaded:
@@ -236,7 +236,7 @@ class _TokenizeBatch(beam.DoFn):
         )
 
     def process(self, batch, directory: str):
-        from transforms.tokenize import encode_caption, encode_images
+        from transforms.lib.tokenize import encode_caption, encode_images
 
         text_tok, image_tok, vocab = load_once(directory)
         if hasattr(image_tok, "place"):  # a VQ-GAN or the patch VQ: onto --device (a no-op after the first)
@@ -311,8 +311,8 @@ def pick_neighbours(pairs: list, k: int, seed: int, key: str) -> list:
 
 def make_sample(query: TokenizedDoc, pairs: list, sc: SequenceConfig, vocab):
     """One ShardSample: picked neighbours first (rank order), the query last, masked per CM3."""
-    from transforms.cm3 import cm3_sequence
-    from transforms.shards import ShardSample
+    from transforms.lib.layout import cm3_sequence
+    from transforms.lib.shards import ShardSample
 
     picked = pick_neighbours(pairs, sc.neighbours_per_sequence, sc.seed, query.key)
     docs = [doc for _, doc in picked]
@@ -373,7 +373,7 @@ class BuildSequences(beam.PTransform):
 
 
 def _size(sample) -> tuple[int, int]:
-    from transforms.shards import sample_nbytes
+    from transforms.lib.shards import sample_nbytes
 
     return 1, sample_nbytes(sample)
 
@@ -384,7 +384,7 @@ def _sum_pairs(pairs) -> tuple[int, int]:
 
 
 def _write_bucket(keyed, directory: str, max_samples: int, max_bytes: int) -> list:
-    from transforms.shards import write_bucket
+    from transforms.lib.shards import write_bucket
 
     bucket, samples = keyed
     rows = write_bucket(directory, bucket, list(samples), max_samples, max_bytes)
@@ -394,7 +394,7 @@ def _write_bucket(keyed, directory: str, max_samples: int, max_bytes: int) -> li
 
 
 def _write_manifest(rows, directory: str) -> str:
-    from transforms.shards import write_manifest
+    from transforms.lib.shards import write_manifest
 
     write_manifest(directory, sorted(rows, key=lambda r: r.shard))
     return directory
@@ -408,7 +408,7 @@ class WriteShards(beam.PTransform):
         self._directory, self._max_samples, self._max_bytes = directory, max_samples, max_bytes
 
     def expand(self, samples):
-        from transforms.shards import num_shards_for, shard_of
+        from transforms.lib.shards import num_shards_for, shard_of
 
         totals = samples | "Sizes" >> beam.Map(_size) | "Total" >> beam.CombineGlobally(_sum_pairs)
         n = totals | "NumShards" >> beam.Map(lambda t: num_shards_for(t[0], t[1], self._max_samples, self._max_bytes))

@@ -442,8 +442,8 @@ class VQGANTokenizer:
         return arrays
 
     def save(self, path: str) -> None:
-        from transforms.parquet_io import write_bytes
-        from transforms.tokenize import _save_npz
+        from transforms.lib.io import write_bytes
+        from transforms.lib.tokenize import _save_npz
 
         write_bytes(path, _save_npz(self.to_arrays()))
 
@@ -474,7 +474,7 @@ def _exists(path: str) -> bool:
 CONVERT_HINT = (
     "cm3corpus loads checkpoints with torch.load(weights_only=True) and never unpickles one. If you trust "
     "the file, convert it once to safetensors (same keys) and point at that instead:\n"
-    "  python -m transforms.vqgan convert --trust-pickle {path} {dst}"
+    "  python -m transforms.lib.vqgan convert --trust-pickle {path} {dst}"
 )
 
 
@@ -569,7 +569,7 @@ def convert(src: str, dst: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m transforms.vqgan")
+    p = argparse.ArgumentParser(prog="python -m transforms.lib.vqgan")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="a trusted pickle .ckpt -> .safetensors with the same keys")
     c.add_argument("--trust-pickle", action="store_true", help="required: the source is unpickled")

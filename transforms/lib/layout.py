@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from schemas.vocab import BREAK, EOD, Vocab
-from transforms.rng import rng_for
+from transforms.lib.rng import rng_for
 
 TEXT, IMAGE = "text", "image"
 QUERY = -1  # doc_index of the query's segments

@@ -1,10 +1,10 @@
-"""transforms/parquet_io.py: every small file is written whole or not at all."""
+"""transforms/lib/io.py: every small file is written whole or not at all."""
 
 from __future__ import annotations
 
 import pytest
 
-from transforms.parquet_io import atomic_open, write_bytes
+from transforms.lib.io import atomic_open, write_bytes
 
 
 def test_atomic_open_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):

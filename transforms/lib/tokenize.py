@@ -6,7 +6,7 @@ specials (`<eod>`, `<break>`, sentinels, ...) live in `Vocab`, and byte-level pr
 with no normaliser makes `decode(encode(caption)) == caption` for every string.
 
 Images: any `ImageTokenizer` (a small protocol, loaded by its `kind`): the built-in patch VQ below,
-or a pretrained VQ-GAN (`transforms/vqgan.py`, kind `vqgan`, opened from a release directory with
+or a pretrained VQ-GAN (`transforms/lib/vqgan.py`, kind `vqgan`, opened from a release directory with
 `vqgan:DIR`). The built-in `PatchVQTokenizer` is a vector quantiser over raw RGB patches:
 k-means (faiss) on a sample of patches; its codebook is stored as uint8 pixels, which makes the
 nearest-code search exact integer arithmetic and so the same codes on every machine.
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from schemas.vocab import ChameleonVocab, Vocab, load_vocab
-from transforms.parquet_io import write_bytes
-from transforms.rng import rng_for
+from transforms.lib.io import write_bytes
+from transforms.lib.rng import rng_for
 
 if TYPE_CHECKING:
     import tokenizers
@@ -399,7 +399,7 @@ def fit_patch_vq(
 
 
 def _vqgan_from_arrays(arrays: dict[str, np.ndarray]) -> ImageTokenizer:
-    from transforms.vqgan import VQGANTokenizer  # torch is imported only when a VQ-GAN is opened
+    from transforms.lib.vqgan import VQGANTokenizer  # torch is imported only when a VQ-GAN is opened
 
     return VQGANTokenizer.from_arrays(arrays)
 
@@ -420,7 +420,7 @@ def register_image_tokenizer(kind: str, from_arrays: Callable[[dict[str, np.ndar
 def load_image_tokenizer(path: str) -> ImageTokenizer:
     """Load an image tokenizer `.npz` (never unpickled), dispatching on its `kind` field, or `vqgan:DIR`."""
     if path.startswith(VQGAN_PREFIX):
-        from transforms.vqgan import load_vqgan
+        from transforms.lib.vqgan import load_vqgan
 
         return load_vqgan(path[len(VQGAN_PREFIX) :])
     arrays = _load_npz(_read_bytes(path))
@@ -483,7 +483,7 @@ def load_tokenizers(directory: str) -> tuple[tokenizers.Tokenizer, ImageTokenize
     image_tok = load_image_tokenizer(f"{directory}/{IMAGE_TOKENIZER_FILE}")
     vocab = load_vocab(_read_bytes(f"{directory}/{VOCAB_FILE}").decode("utf-8"))
     if vocab.kind == "chameleon":
-        from transforms.chameleon import chameleon_vocab, text_only
+        from transforms.lib.chameleon import chameleon_vocab, text_only
 
         text_tok = text_only(text_tok)
         expected = chameleon_vocab(text_tok, image_tok.num_codes, image_tok.tokens_per_image, vocab.num_sentinels)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transforms.parquet_io import atomic_open
+from transforms.lib.io import atomic_open
 
 THUMB_SIDE = 128  # px, longest side of an embedded thumbnail
 DATA_URI = "data:image/jpeg;base64,"

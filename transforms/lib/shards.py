@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from schemas.records import packed
-from transforms.parquet_io import write_bytes
-from transforms.rng import stable_hash
+from transforms.lib.io import write_bytes
+from transforms.lib.rng import stable_hash
 
 SHARD_PREFIX = "cm3"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -231,7 +231,7 @@ def write_manifest(directory: str, rows: Iterable[ManifestRow]) -> None:
     import pyarrow as pa
 
     from schemas.artifacts import SCHEMA_VERSION, SHARD_MANIFEST
-    from transforms.parquet_io import write_table
+    from transforms.lib.io import write_table
 
     ordered = sorted(rows, key=lambda r: r.shard)
     dicts = [asdict(r) for r in ordered]
