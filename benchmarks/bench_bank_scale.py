@@ -130,7 +130,7 @@ def run_kind(args: argparse.Namespace) -> dict:
     import faiss
 
     from schemas.records import IMAGE_TEXT
-    from transforms.memory_bank import (
+    from transforms.lib.memory_bank import (
         INDEX_FILE,
         add_part,
         bank_info,

@@ -45,7 +45,7 @@ def build_bank(folder: str, n: int, seed: int, part_size: int = 100_000, train_s
     from bench_bank_scale import training_sample, write_parts
 
     from schemas.records import IMAGE_TEXT
-    from transforms.memory_bank import (
+    from transforms.lib.memory_bank import (
         add_part,
         bank_info,
         choose_index_factory,

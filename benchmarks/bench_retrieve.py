@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, EmbeddedExample  # noqa: E402
-from transforms.memory_bank import (  # noqa: E402
+from transforms.lib.memory_bank import (  # noqa: E402
     add_part,
     bank_info,
     choose_index_factory,

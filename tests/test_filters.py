@@ -23,9 +23,9 @@ from schemas.records import EmbeddedExample, Example, Filtered
 from transforms import filters
 from transforms.filters import FilterConfig, FilterCorpus, HistogramFn, first_earlier, keep_order, split_exact
 from transforms.lib.io import read_table
+from transforms.lib.memory_bank import Bank
 from transforms.lib.report import filters_section, histogram_svg
 from transforms.lib.rng import stable_hash
-from transforms.memory_bank import Bank
 
 
 def unit(v) -> np.ndarray:

@@ -11,9 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.artifacts import MEMORY_BANK_IDS
 from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, EmbeddedExample
-from transforms.lib.rng import stable_hash
-from transforms.memory_bank import (
-    BuildMemoryBank,
+from transforms.lib.memory_bank import (
     add_part,
     bank_info,
     choose_index_factory,
@@ -26,6 +24,8 @@ from transforms.memory_bank import (
     train_index,
     write_bank,
 )
+from transforms.lib.rng import stable_hash
+from transforms.memory_bank import BuildMemoryBank
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

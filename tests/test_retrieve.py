@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.artifacts import NEIGHBOURS, RETRIEVAL_COUNTS
 from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, EmbeddedExample
-from transforms.memory_bank import add_part, bank_info, ids_table, load_bank, merge_parts, train_index, write_bank
+from transforms.lib.memory_bank import add_part, bank_info, ids_table, load_bank, merge_parts, train_index, write_bank
 from transforms.retrieve import (
     Candidates,
     RetrievalCounts,

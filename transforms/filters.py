@@ -238,7 +238,7 @@ class _NearDuplicates(beam.DoFn):
         self._latency = Metrics.distribution(FILTERED, "near_duplicate_batch_ms")
 
     def process(self, batch: list[EmbeddedExample], bank_dir: str):
-        from transforms.memory_bank import load_bank
+        from transforms.lib.memory_bank import load_bank
 
         start = time.perf_counter()
         if self._loaded_from != bank_dir:

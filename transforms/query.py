@@ -89,7 +89,7 @@ class Corpus:
         nprobe: int | None = None,
         bank_dir: str | None = None,
     ) -> None:
-        from transforms.memory_bank import INFO_FILE, load_bank
+        from transforms.lib.memory_bank import INFO_FILE, load_bank
 
         self.root = str(root).rstrip("/")
         self.bank_dir = bank_dir or f"{self.root}/memory_bank"

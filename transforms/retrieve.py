@@ -360,7 +360,7 @@ def _vias_of(e: EmbeddedExample) -> list[str]:
 
 
 def _load(bank_dir: str):
-    from transforms.memory_bank import load_bank
+    from transforms.lib.memory_bank import load_bank
 
     return load_bank(bank_dir)
 
