@@ -36,7 +36,7 @@ from transforms.lib.memory_bank import (  # noqa: E402
     train_index,
     write_bank,
 )
-from transforms.retrieve import RetrievalRules, retrieve_batch  # noqa: E402
+from transforms.lib.retrieve import RetrievalRules, retrieve_batch  # noqa: E402
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

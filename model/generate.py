@@ -156,9 +156,9 @@ def run_generate(
     import torch
 
     from model.sample import generate, image_to_caption_prompt, text_to_image_prompt
+    from transforms.lib.retrieve import RetrievalRules
     from transforms.lib.tokenize import decode_text, encode_caption, encode_image
     from transforms.query import read_image_file
-    from transforms.retrieve import RetrievalRules
 
     text_tok, image_tok, vocab = corpus.tokenizers
     if getattr(vocab, "kind", "native") != "native":

@@ -58,8 +58,9 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
     from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows, file_view
     from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
+    from transforms.lib.retrieve import RetrievalRules
     from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
-    from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
+    from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts
     from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards
 
     staging = f"{cfg.output}/{STAGING}"

@@ -6,7 +6,7 @@ stage reads and writes these, never dicts with string keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -179,6 +179,32 @@ class Neighbour:
     doc_modality: str
 
     def __reduce__(self):
+        return packed(self)
+
+
+@dataclass(slots=True)
+class RetrievalCounts:
+    """One `retrieval_counts` row: what became of one query's candidates (columns of RETRIEVAL_COUNTS).
+
+    candidates == selected + skipped_self + skipped_too_similar + skipped_already_selected
+                  + skipped_diversity + skipped_modality + unexamined
+    """
+
+    query_key: str
+    via: str
+    candidates: int = 0
+    skipped_self: int = 0
+    skipped_too_similar: int = 0
+    skipped_already_selected: int = 0
+    skipped_diversity: int = 0
+    skipped_modality: int = 0
+    unexamined: int = 0
+    selected: int = 0
+
+    def row(self) -> dict:
+        return asdict(self)
+
+    def __reduce__(self):  # class and values: a pickled slotted dataclass is twice the size
         return packed(self)
 
 

@@ -17,7 +17,7 @@ from model.sample import image_to_caption_prompt, text_to_image_prompt
 from schemas.records import Neighbour
 from schemas.vocab import BREAK, EOD, Vocab
 from transforms.lib.layout import Doc
-from transforms.retrieve import Candidates, RetrievalRules, select_neighbours
+from transforms.lib.retrieve import Candidates, RetrievalRules, select_neighbours
 
 VOCAB = Vocab(num_sentinels=2, text_size=40, image_codes=32, tokens_per_image=8)
 

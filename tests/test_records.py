@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from apache_beam.coders import typecoders
 
-from schemas.records import EmbeddedExample, Example, Neighbour, TokenizedDoc
+from schemas.records import EmbeddedExample, Example, Neighbour, RetrievalCounts, TokenizedDoc
 from transforms.lib.shards import ShardSample
-from transforms.retrieve import RetrievalCounts
 
 CODER = typecoders.registry.get_coder(object)  # what Beam uses for a PCollection of unknown type
 

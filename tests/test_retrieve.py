@@ -12,18 +12,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.artifacts import NEIGHBOURS, RETRIEVAL_COUNTS
-from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, EmbeddedExample
+from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, EmbeddedExample, RetrievalCounts
 from transforms.lib.memory_bank import add_part, bank_info, ids_table, load_bank, merge_parts, train_index, write_bank
-from transforms.retrieve import (
-    Candidates,
-    RetrievalCounts,
-    RetrievalRules,
-    Retrieve,
-    WriteNeighbours,
-    WriteRetrievalCounts,
-    retrieve_batch,
-    select_neighbours,
-)
+from transforms.lib.retrieve import Candidates, RetrievalRules, retrieve_batch, select_neighbours
+from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts
 
 RULES = RetrievalRules(num_retrieved=2, max_similarity=0.9, diversity_threshold=0.95, topk=8)
 DIM = 8

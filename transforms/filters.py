@@ -54,8 +54,8 @@ from apache_beam.metrics import Metrics
 
 from schemas.records import IMAGE_TEXT, EmbeddedExample, Filtered
 from transforms.lib.report import report_doc, report_doc_json
+from transforms.lib.retrieve import rescore
 from transforms.lib.rng import stable_hash
-from transforms.retrieve import _rescore
 
 FILTERED = "filtered"  # tag of the left-out output, and the counter namespace
 SCORES = "scores"  # tag of the CLIP-score output
@@ -202,7 +202,7 @@ def range_search(bank, queries: np.ndarray, threshold: float) -> list[list[tuple
     """Every (faiss id, cosine) within `threshold` of each query, with batch-independent cosines.
 
     A Flat bank is searched RANGE_MARGIN lower and each found pair rescored as retrieval rescores
-    (`retrieve._rescore`: faiss's scalar inner product); an IVF bank's per-query scan scores are kept.
+    (`transforms.lib.retrieve.rescore`: faiss's scalar inner product); an IVF bank's per-query scan scores are kept.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if bank.count == 0 or len(queries) == 0:
@@ -216,7 +216,7 @@ def range_search(bank, queries: np.ndarray, threshold: float) -> list[list[tuple
     found[np.repeat(np.arange(len(queries)), counts), columns] = ids
     padded = np.full(found.shape, -np.inf, dtype=np.float32)
     padded[found >= 0] = scores
-    found, exact, _ = _rescore(queries, found, bank, padded)  # retrieval's batch-independent cosines
+    found, exact, _ = rescore(queries, found, bank, padded)  # retrieval's batch-independent cosines
     return [
         [(int(i), float(s)) for i, s in zip(found[r], exact[r], strict=True) if i >= 0 and s >= threshold]
         for r in range(len(queries))

@@ -6,7 +6,7 @@ normalized mean), and the bank is searched:
 
 - plain (`Corpus.search`): the top k documents by inner product with the query's own vector
   (its text embedding, its image embedding, or its `doc_emb` when it has both), rescored and
-  ordered the way the build orders candidates (`transforms.retrieve`: score desc, faiss id asc);
+  ordered the way the build orders candidates (`transforms.lib.retrieve`: score desc, faiss id asc);
 - with the build's rules (`Corpus.retrieve`, `--rules`): the query runs through the build's own
   `retrieve_batch` (image via, text via, skip above `max_similarity`, image+text first, diversity),
   so a user sees what the build would have picked for such an example. No query dropout: that is a
@@ -142,7 +142,7 @@ class Corpus:
 
     def search(self, query: EmbeddedExample, k: int = DEFAULT_K) -> list[Hit]:
         """The k nearest documents to the query's vector, no rules (what a direct faiss search returns)."""
-        from transforms.retrieve import SEARCH_MARGIN, _rescore
+        from transforms.lib.retrieve import SEARCH_MARGIN, rescore
 
         via, vec = _query_vector(query)
         k = min(int(k), self.bank.count)
@@ -150,13 +150,13 @@ class Corpus:
             return []
         q = np.ascontiguousarray(vec[None, :], dtype=np.float32)  # (1, D)
         found_scores, found = self.bank.index.search(q, min(k + SEARCH_MARGIN, self.bank.count))
-        ids, scores, _ = _rescore(q, found, self.bank, found_scores)  # the build's scores and order
+        ids, scores, _ = rescore(q, found, self.bank, found_scores)  # the build's scores and order
         pairs = [(int(i), float(s)) for i, s in zip(ids[0][:k], scores[0][:k], strict=True) if i >= 0]
         return self._hits([(self.bank.keys[i], s, self.bank.modalities[i], via) for i, s in pairs])
 
     def retrieve(self, query: EmbeddedExample, k: int, rules=None) -> list[Hit]:
-        """Up to k documents chosen by the build's retrieval rules (`transforms.retrieve.retrieve_batch`)."""
-        from transforms.retrieve import RetrievalRules, retrieve_batch
+        """Up to k documents chosen by the build's retrieval rules (`transforms.lib.retrieve.retrieve_batch`)."""
+        from transforms.lib.retrieve import RetrievalRules, retrieve_batch
 
         rules = rules or RetrievalRules()
         if k <= 0:
@@ -322,7 +322,7 @@ def query(
         text: the query text.
         image: the query image, encoded (PNG, JPEG, ...).
         k: documents to return at most.
-        rules: a `transforms.retrieve.RetrievalRules` to pick as the build does; None for a plain search.
+        rules: a `transforms.lib.retrieve.RetrievalRules` to pick as the build does; None for a plain search.
     """
     c = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
     q = c.embed(text, image)
@@ -334,7 +334,7 @@ def query(
 
 
 def _parser() -> argparse.ArgumentParser:
-    from transforms.retrieve import RetrievalRules
+    from transforms.lib.retrieve import RetrievalRules
 
     d = RetrievalRules()
     p = argparse.ArgumentParser(prog="cm3corpus query", description="Search a built corpus's memory bank.")
@@ -395,7 +395,7 @@ def check_flags(args: argparse.Namespace, checks, command: str) -> None:
 
 def rules_from_args(args: argparse.Namespace):
     """RetrievalRules from the --max_similarity / --diversity_threshold / --topk flags (ranges checked)."""
-    from transforms.retrieve import RetrievalRules
+    from transforms.lib.retrieve import RetrievalRules
 
     check_flags(args, RULE_CHECKS, "query")
     d = RetrievalRules()
