@@ -124,7 +124,7 @@ def clip_quality(rows: list[dict], meta: dict) -> dict:
 def sweep(corpus: str, meta: dict) -> tuple[list[str], list[str]]:
     """Both rules re-run in numpy on the baseline build's embeddings, for a range of thresholds."""
     from schemas import artifacts
-    from transforms.filters import keep_order
+    from transforms.lib.filters import keep_order
     from transforms.lib.io import read_table
 
     dim = json.load(open(f"{corpus}/memory_bank/bank.json"))["dim"]

@@ -20,8 +20,9 @@ from pipelines.demo_data import add_filter_cases, sample_meta, write_demo_corpus
 from pipelines.options import BuildConfig, CorpusOptions
 from schemas import artifacts
 from schemas.records import EmbeddedExample, Example, Filtered
-from transforms import filters
-from transforms.filters import FilterConfig, FilterCorpus, HistogramFn, first_earlier, keep_order, split_exact
+from transforms.filters import FilterConfig, FilterCorpus, HistogramFn
+from transforms.lib import filters
+from transforms.lib.filters import first_earlier, keep_order, split_exact
 from transforms.lib.io import read_table
 from transforms.lib.memory_bank import Bank
 from transforms.lib.report import filters_section, histogram_svg
