@@ -94,9 +94,9 @@ def main(argv=None) -> int:
         args.n = 200_000
 
     from pipelines.demo_data import describe, random_scene
+    from transforms.lib.corpus import Corpus
     from transforms.lib.retrieve import RetrievalRules
     from transforms.lib.rng import rng_for
-    from transforms.query import Corpus
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_query_")
     os.makedirs(workdir, exist_ok=True)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.generate import GenerateConfig, load_decoder, run_generate  # noqa: E402
 from pipelines.demo_data import COLORS, SHAPES  # noqa: E402
-from transforms.query import Corpus  # noqa: E402
+from transforms.lib.corpus import Corpus  # noqa: E402
 
 
 def heldout_prompts(corpus: Corpus, data: str, n: int) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Text to image (`--prompt`), as CM3Leon and RA-CM3 do it at inference:
 1. the prompt is embedded with the bank's CLIP and `--retrieve` documents are picked from the bank
-   by the build's rules (`transforms.query.Corpus.retrieve`: skip above 0.9, image+text first,
+   by the build's rules (`transforms.lib.corpus.Corpus.retrieve`: skip above 0.9, image+text first,
    diversity); `--retrieve 0` is the no-retrieval baseline;
 2. the documents and the prompt are laid out as the build lays out a training sequence, and
    `--num_samples` images are drawn with the KV cache, classifier-free guidance against RA-CM3's
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms.query import RULE_CHECKS, check_flags
+from transforms.lib.corpus import RULE_CHECKS, check_flags
 
 RUN_JSON = "run.json"
 INDEX_HTML = "index.html"
@@ -144,7 +144,7 @@ def run_generate(
 
     Args:
         gc: the settings.
-        corpus: a `transforms.query.Corpus` (the bank, its CLIP, the tokenizers, the documents).
+        corpus: a `transforms.lib.corpus.Corpus` (the bank, its CLIP, the tokenizers, the documents).
         model: a trained `CM3Decoder` over the corpus's id space.
         output: the folder for the PNGs, run.json and index.html; None writes nothing.
         quiet: no progress lines.
@@ -156,9 +156,9 @@ def run_generate(
     import torch
 
     from model.sample import generate, image_to_caption_prompt, text_to_image_prompt
+    from transforms.lib.corpus import read_image_file
     from transforms.lib.retrieve import RetrievalRules
     from transforms.lib.tokenize import decode_text, encode_caption, encode_image
-    from transforms.query import read_image_file
 
     text_tok, image_tok, vocab = corpus.tokenizers
     if getattr(vocab, "kind", "native") != "native":
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import pickle
 
     from transforms.embed import ClipWeightsUnavailable
-    from transforms.query import Corpus
+    from transforms.lib.corpus import Corpus
 
     try:
         model, path = load_decoder(args.checkpoint, args.device)

@@ -12,7 +12,7 @@ COMMANDS = {
     "build": ("pipelines.build_corpus", "Run the corpus pipeline: --input PATTERN --output DIR [Beam options]."),
     "fit-demo-clip": ("model.fit_demo_clip", "Train the tiny demo CLIP on freshly drawn demo scenes."),
     "train": ("model.train", "Train the CM3 decoder on built shards."),
-    "query": ("transforms.query", "Search a built corpus's memory bank with a text or an image."),
+    "query": ("pipelines.query", "Search a built corpus's memory bank with a text or an image."),
     "generate": ("model.generate", "Sample images (or captions) from a trained decoder, retrieving from a corpus."),
 }
 

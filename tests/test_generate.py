@@ -1,4 +1,4 @@
-"""Querying a built corpus and retrieval-augmented generation (transforms/query.py, model/generate.py)."""
+"""Querying a built corpus and retrieval-augmented generation (transforms/lib/corpus.py, pipelines/query.py, model/generate.py)."""
 
 from __future__ import annotations
 
@@ -135,8 +135,9 @@ def test_query_returns_what_a_direct_faiss_search_returns(built, capsys):
     import faiss
     import pyarrow.parquet as pq
 
+    from pipelines.query import main
     from transforms.embed import resolve_clip
-    from transforms.query import Corpus, main, query
+    from transforms.lib.corpus import Corpus, query
 
     out = str(built / "out")
     index = faiss.read_index(f"{out}/memory_bank/index.faiss")
@@ -165,7 +166,8 @@ def test_query_returns_what_a_direct_faiss_search_returns(built, capsys):
 
 @pytest.mark.slow
 def test_rules_skip_the_near_duplicate_the_plain_search_ranks_first(built, tmp_path, capsys):
-    from transforms.query import Corpus, main, query
+    from pipelines.query import main
+    from transforms.lib.corpus import Corpus, query
 
     corpus = Corpus(str(built / "out"))
     key, caption = next((k, c) for k, c in sorted(corpus.captions().items()) if c)
@@ -185,7 +187,7 @@ def test_rules_skip_the_near_duplicate_the_plain_search_ranks_first(built, tmp_p
 def test_an_old_bank_without_clip_pretrained_still_opens(built, tmp_path):
     import shutil
 
-    from transforms.query import Corpus
+    from transforms.lib.corpus import Corpus
 
     old = tmp_path / "out"
     shutil.copytree(built / "out", old)
@@ -199,7 +201,7 @@ def test_an_old_bank_without_clip_pretrained_still_opens(built, tmp_path):
     with pytest.raises(ValueError, match="--clip_pretrained"):
         Corpus(str(old)).embed("a red circle")
     # The command says the same in one line (the CLIP loads lazily, at the first query), not a traceback.
-    from transforms.query import main
+    from pipelines.query import main
 
     with pytest.raises(SystemExit, match=r"^cm3corpus query: .*--clip_pretrained"):
         main(["--corpus", str(old), "--text", "a red circle"])
@@ -208,7 +210,7 @@ def test_an_old_bank_without_clip_pretrained_still_opens(built, tmp_path):
 def test_a_query_image_is_prepared_as_the_build_prepares_documents(tmp_path):
     from PIL import Image
 
-    from transforms.query import read_image_file
+    from transforms.lib.corpus import read_image_file
 
     rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent: the build flattens onto white
     rgba.save(tmp_path / "a.png")

@@ -1,4 +1,4 @@
-"""Ask a built corpus's memory bank a question: `cm3corpus query` and the `Corpus` it runs on.
+"""Reading a built corpus: the `Corpus` that `cm3corpus query` (`pipelines/query.py`) and `generate` run on.
 
 A query (a text, an image, or both) is embedded with the CLIP that `memory_bank/bank.json` names,
 exactly as the build embeds a document (unit-norm image and text embeddings, `doc_emb` their
@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,8 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from schemas.records import IMAGE_TEXT, EmbeddedExample
+from schemas.records import IMAGE_TEXT, EmbeddedExample, Example, RawSample, Reject
+from transforms.lib.layout import QUERY, unmask
+from transforms.lib.memory_bank import INFO_FILE, load_bank
+from transforms.lib.retrieve import SEARCH_MARGIN, RetrievalRules, rescore, retrieve_batch
+from transforms.lib.tokenize import decode_image, encode_caption, load_tokenizers
+from transforms.lib.validate import IMAGE_PARTS, Budgets, validate
 
 # The key of a typed query. It is no document of the corpus, so the rules' "self" skip must never
 # fire for it: None equals no key, where any string could be some corpus's key.
@@ -89,8 +95,6 @@ class Corpus:
         nprobe: int | None = None,
         bank_dir: str | None = None,
     ) -> None:
-        from transforms.lib.memory_bank import INFO_FILE, load_bank
-
         self.root = str(root).rstrip("/")
         self.bank_dir = bank_dir or f"{self.root}/memory_bank"
         if not os.path.exists(f"{self.bank_dir}/{INFO_FILE}"):
@@ -110,6 +114,8 @@ class Corpus:
     def embedder(self):
         """The bank's CLIP (`transforms.embed.ClipEmbedder`), loaded on first use."""
         if self._embedder is None:
+            # lazy: the embed stage is a Beam module (it pulls Beam and open_clip); its CLIP loading moves to
+            # transforms/lib/ with the embed split, and then this import goes to the top.
             from transforms.embed import DEMO, ClipEmbedder, resolve_clip
 
             name = self.info["clip_model"]
@@ -129,8 +135,7 @@ class Corpus:
         """The query as the build would embed an example with this caption and image (no dropout)."""
         if not text and image is None:
             raise ValueError("a query needs a text or an image")
-        from schemas.records import Example
-        from transforms.embed import embedded_example
+        from transforms.embed import embedded_example  # lazy: a Beam module until the embed split (above)
 
         text_emb = self.embedder.encode_texts([text])[0] if text else None
         image_emb = self.embedder.encode_images([image])[0] if image is not None else None
@@ -142,8 +147,6 @@ class Corpus:
 
     def search(self, query: EmbeddedExample, k: int = DEFAULT_K) -> list[Hit]:
         """The k nearest documents to the query's vector, no rules (what a direct faiss search returns)."""
-        from transforms.lib.retrieve import SEARCH_MARGIN, rescore
-
         via, vec = _query_vector(query)
         k = min(int(k), self.bank.count)
         if k <= 0:
@@ -156,8 +159,6 @@ class Corpus:
 
     def retrieve(self, query: EmbeddedExample, k: int, rules=None) -> list[Hit]:
         """Up to k documents chosen by the build's retrieval rules (`transforms.lib.retrieve.retrieve_batch`)."""
-        from transforms.lib.retrieve import RetrievalRules, retrieve_batch
-
         rules = rules or RetrievalRules()
         if k <= 0:
             return []
@@ -178,8 +179,6 @@ class Corpus:
     def captions(self) -> dict[str, str | None]:
         """key → caption of every document, from embeddings/*.parquet (read once)."""
         if self._captions is None:
-            import pyarrow.parquet as pq
-
             self._captions = {}
             for f in self._embedding_files():
                 t = pq.read_table(f, columns=["key", "caption"])
@@ -193,8 +192,6 @@ class Corpus:
         files = self._embedding_files()
         if not files or not keys:
             return dict.fromkeys(keys)
-        import pyarrow.dataset as ds
-
         t = ds.dataset(files, format="parquet").to_table(
             columns=["key", "caption"], filter=ds.field("key").isin(list(keys))
         )
@@ -205,8 +202,6 @@ class Corpus:
     def tokenizers(self) -> tuple:
         """(text tokenizer, image tokenizer, vocab) of the corpus."""
         if self._tokenizers is None:
-            from transforms.lib.tokenize import load_tokenizers
-
             self._tokenizers = load_tokenizers(f"{self.root}/tokenizers")
         return self._tokenizers
 
@@ -226,9 +221,6 @@ class Corpus:
         return {k: self._docs[k] for k in keys if k in self._docs}
 
     def _read_docs(self, wanted: set[str]) -> None:
-        from transforms.lib.layout import QUERY, unmask
-        from transforms.lib.tokenize import encode_caption
-
         text_tok, _, vocab = self.tokenizers
         shards = sorted(Path(self.root, "shards").glob("*.tar")) + sorted(Path(self.root, "shards").glob("*/*.tar"))
         for path in shards:
@@ -253,8 +245,6 @@ class Corpus:
 
     def thumbnail(self, doc: Doc, side: int = THUMB_SIDE):
         """The document's image decoded from its tokens (a PIL image), or None when it has none."""
-        from transforms.lib.tokenize import decode_image
-
         if not doc.image_ids:
             return None
         _, image_tok, vocab = self.tokenizers
@@ -329,42 +319,12 @@ def query(
     return c.search(q, k) if rules is None else c.retrieve(q, k, rules)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The command.
-
-
-def _parser() -> argparse.ArgumentParser:
-    from transforms.lib.retrieve import RetrievalRules
-
-    d = RetrievalRules()
-    p = argparse.ArgumentParser(prog="cm3corpus query", description="Search a built corpus's memory bank.")
-    p.add_argument("--corpus", required=True, help="The build's output folder.")
-    what = p.add_argument_group("query (one or both)")
-    what.add_argument("--text", help="Query text.")
-    what.add_argument("--image", help="Query image file.")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="Documents to return at most.")
-    p.add_argument("--json", action="store_true", help="One JSON object per line instead of a table.")
-    p.add_argument("--rules", action="store_true", help="Pick as the build does (skip near-duplicates, diversity).")
-    p.add_argument("--max_similarity", type=float, default=d.max_similarity, help="With --rules: relevance cap.")
-    p.add_argument("--diversity_threshold", type=float, default=d.diversity_threshold, help="With --rules.")
-    p.add_argument("--topk", type=int, default=d.topk, help="With --rules: candidates fetched per query.")
-    p.add_argument("--thumbnails", help="Folder to write each hit's image into (decoded from its tokens).")
-    p.add_argument("--clip_pretrained", help="CLIP weights, when bank.json does not record them.")
-    p.add_argument("--memory_bank", help="The bank folder, when not CORPUS/memory_bank.")
-    p.add_argument("--nprobe", type=int, help="IVF lists to probe (bank.json's by default).")
-    p.add_argument("--device", default="cpu")
-    return p
-
-
 def read_image_file(path: str, flag: str = "--image") -> bytes:
     """An image file prepared exactly as the build prepares a document's image, or a one-line error.
 
     The build's own `validate` (allowed formats, byte and pixel budgets, EXIF orientation, RGB with alpha
     flattened onto white), so a query or prompt image is embedded and tokenized as the bank's were.
     """
-    from schemas.records import RawSample, Reject
-    from transforms.lib.validate import IMAGE_PARTS, Budgets, validate
-
     budgets = Budgets()
     try:
         with open(path, "rb") as f:
@@ -391,52 +351,3 @@ def check_flags(args: argparse.Namespace, checks, command: str) -> None:
     for flag, ok, what in checks:
         if not ok(args):
             raise SystemExit(f"cm3corpus {command}: {flag} must be {what}, got {getattr(args, flag[2:])}")
-
-
-def rules_from_args(args: argparse.Namespace):
-    """RetrievalRules from the --max_similarity / --diversity_threshold / --topk flags (ranges checked)."""
-    from transforms.lib.retrieve import RetrievalRules
-
-    check_flags(args, RULE_CHECKS, "query")
-    d = RetrievalRules()
-    return RetrievalRules(d.num_retrieved, args.max_similarity, args.diversity_threshold, args.topk)
-
-
-def format_table(hits: Sequence[Hit]) -> str:
-    """The hits as an aligned text table for a person."""
-    rows = [("rank", "score", "modality", "via", "key", "caption", "image")]
-    for h in hits:
-        caption = (h.caption or "").replace("\n", " ")
-        caption = caption if len(caption) <= 60 else caption[:57] + "..."
-        rows.append((str(h.rank), f"{h.score:.4f}", h.modality, h.via, h.key, caption, h.image or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if not args.text and not args.image:
-        raise SystemExit("cm3corpus query: give --text, --image or both")
-    if args.k < 1:
-        raise SystemExit(f"--k must be at least 1, got {args.k}")
-    rules = rules_from_args(args) if args.rules else None
-    image = read_image_file(args.image) if args.image else None
-    from transforms.embed import ClipWeightsUnavailable
-
-    try:  # the CLIP loads lazily, at the first query: its errors are the user's to fix, in one line
-        corpus = Corpus(args.corpus, args.device, args.clip_pretrained, args.nprobe, args.memory_bank)
-        hits = query(corpus, args.text, image, args.k, rules)
-        if args.thumbnails:
-            write_thumbnails(corpus, hits, args.thumbnails)
-    except (FileNotFoundError, ValueError, ClipWeightsUnavailable) as e:
-        raise SystemExit(f"cm3corpus query: {e}") from None
-    if args.json:
-        for h in hits:
-            print(json.dumps(h.row(), ensure_ascii=False, sort_keys=True))
-    else:
-        print(format_table(hits))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
