@@ -25,7 +25,7 @@ setup(
         # model/data.py passes workersplitter= and empty_check= (0.2.96 has them), and resuming mid-epoch
         # (skip_batches) gives the uninterrupted stream only from 0.2.109 (0.2.96 and 0.2.100 fail test_train).
         "webdataset>=0.2.109",
-        "braceexpand>=0.1.7",  # `{000..009}` input patterns (transforms/read.py, model/data.py)
+        "braceexpand>=0.1.7",  # `{000..009}` input patterns (transforms/lib/io.py)
         "fsspec>=2023.1",
         # 3.1: text_global_pool(eos_token_id=), which the lean text pass calls.
         "open_clip_torch>=3.1",

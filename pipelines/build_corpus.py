@@ -21,12 +21,13 @@ from schemas import artifacts
 from schemas.records import Example, Reject
 from transforms.assemble import JoinNeighbours
 from transforms.lib.io import atomic_open
+from transforms.lib.read import expand_inputs
 from transforms.lib.report import report_doc
 from transforms.lib.rng import is_held_out, stable_hash
 from transforms.lib.validate import printable
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
-from transforms.read import ReadExamples, expand_inputs
+from transforms.read import ReadExamples
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.

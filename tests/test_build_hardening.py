@@ -186,7 +186,7 @@ _READ_CHILD = textwrap.dedent(
     import json, resource, sys
     from pipelines.options import BuildConfig
     from schemas.records import RawSample
-    from transforms.read import _budgets, expand_inputs, fetch_parts, read_unit
+    from transforms.lib.read import _budgets, expand_inputs, fetch_parts, read_unit
     from transforms.lib.validate import validate
     cfg = BuildConfig(input=tuple(a.split("=", 1)[1] for a in sys.argv[2:]), output="unused", max_image_bytes=2**20)
     budgets = _budgets(cfg)

@@ -18,7 +18,7 @@ from pipelines import build_corpus
 from pipelines.demo import demo_build_flags
 from pipelines.demo_data import write_demo_corpus
 from pipelines.options import BuildConfig
-from transforms.read import expand_inputs
+from transforms.lib.read import expand_inputs
 
 NUM_EXAMPLES = 160
 
