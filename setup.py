@@ -15,7 +15,7 @@ setup(
         include=["pipelines", "pipelines.*", "transforms", "transforms.*", "model", "model.*", "schemas", "schemas.*"]
     ),
     # The demo CLIP's config and checkpoint travel with the code so remote workers have them.
-    package_data={"model": ["demo_clip/*.json", "demo_clip/*.pt"]},
+    package_data={"transforms.lib": ["demo_clip/*.json", "demo_clip/*.pt"]},
     install_requires=[
         "apache-beam>=2.60",
         "pyarrow>=14",
@@ -29,7 +29,7 @@ setup(
         "fsspec>=2023.1",
         # 3.1: text_global_pool(eos_token_id=), which the lean text pass calls.
         "open_clip_torch>=3.1",
-        "huggingface_hub>=0.20",  # resolving hf-hub: CLIP weights from the local cache (transforms/embed.py)
+        "huggingface_hub>=0.20",  # resolving hf-hub: CLIP weights from the local cache (transforms/lib/clip.py)
         # No upper cap here: through --setup_file a cap would downgrade a Dataflow worker's CUDA torch.
         # CI pins the tested torch/torchvision in .ci/constraints.txt.
         "torch>=2.1",

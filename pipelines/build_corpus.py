@@ -57,8 +57,10 @@ def _reject_sort_key(r: Reject) -> str:
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
-    from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows, file_view
+    from transforms.embed import EmbedExamples
     from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
+    from transforms.lib.clip import clip_embed_dim
+    from transforms.lib.embed import embedding_rows, file_view
     from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
     from transforms.retrieve import RetrievalRules, Retrieve, WriteNeighbours, WriteRetrievalCounts
     from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards

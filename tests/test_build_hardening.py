@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
+from pipelines.demo.command import demo_build_flags
 from schemas import artifacts
 from tests.badinputs import add_member, encode, rgb, write_tar
 from transforms.lib.io import read_table
@@ -174,7 +174,7 @@ _BUILD_CHILD = textwrap.dedent(
     """
     import resource, sys
     from pipelines import build_corpus
-    from pipelines.demo import demo_build_flags
+    from pipelines.demo.command import demo_build_flags
     build_corpus.run(["--output", sys.argv[1], "--max_image_bytes=1048576", *demo_build_flags(), *sys.argv[2:]])
     print("MAXRSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """

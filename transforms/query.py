@@ -108,9 +108,10 @@ class Corpus:
 
     @property
     def embedder(self):
-        """The bank's CLIP (`transforms.embed.ClipEmbedder`), loaded on first use."""
+        """The bank's CLIP (`transforms.lib.embed.ClipEmbedder`), loaded on first use."""
         if self._embedder is None:
-            from transforms.embed import DEMO, ClipEmbedder, resolve_clip
+            from transforms.lib.clip import DEMO, resolve_clip
+            from transforms.lib.embed import ClipEmbedder
 
             name = self.info["clip_model"]
             pretrained = self._clip_pretrained or self.info.get("clip_pretrained")
@@ -130,7 +131,7 @@ class Corpus:
         if not text and image is None:
             raise ValueError("a query needs a text or an image")
         from schemas.records import Example
-        from transforms.embed import embedded_example
+        from transforms.lib.embed import embedded_example
 
         text_emb = self.embedder.encode_texts([text])[0] if text else None
         image_emb = self.embedder.encode_images([image])[0] if image is not None else None
@@ -421,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--k must be at least 1, got {args.k}")
     rules = rules_from_args(args) if args.rules else None
     image = read_image_file(args.image) if args.image else None
-    from transforms.embed import ClipWeightsUnavailable
+    from transforms.lib.clip import ClipWeightsUnavailable
 
     try:  # the CLIP loads lazily, at the first query: its errors are the user's to fix, in one line
         corpus = Corpus(args.corpus, args.device, args.clip_pretrained, args.nprobe, args.memory_bank)
