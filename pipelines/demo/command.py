@@ -16,16 +16,11 @@ import sys
 import tarfile
 from collections.abc import Sequence
 
-import torch
 from PIL import Image
 
-from model.sample import generate_caption, generate_image
-from model.train import TrainConfig, load_model, train
-from pipelines import build_corpus
 from pipelines.demo.data import write_demo_corpus
 from transforms.lib.report import append_section, training_section
 from transforms.lib.tokenize import decode_text, encode_caption, encode_image
-from transforms.sequences import load_once
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard_size", type=int, default=250, help="Examples per input tar.")
     parser.add_argument("--train_steps", type=int, default=150, help="Steps of the closing training run (0: none).")
     args, build_flags = parser.parse_known_args(argv)
+
+    from pipelines import build_corpus  # lazy: Beam takes seconds to import; `cm3corpus demo --help` needs none
 
     data, corpus = f"{args.output}/data", f"{args.output}/corpus"
     summary = write_demo_corpus(
@@ -55,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
     """A short training run on the corpus's shards, then a few generations, added to report.html."""
+    # lazy: torch and Beam take seconds to import; `cm3corpus demo --help` and `--train_steps 0` need neither
+    import torch
+
+    from model.sample import generate_caption, generate_image
+    from model.train import TrainConfig, load_model, train
+    from transforms.sequences import load_once
+
     cfg = TrainConfig(
         shards=f"{corpus}/shards/cm3-*.tar",
         eval_shards=f"{corpus}/shards/heldout/cm3-*.tar",
