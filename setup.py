@@ -15,7 +15,7 @@ setup(
         include=["pipelines", "pipelines.*", "transforms", "transforms.*", "model", "model.*", "schemas", "schemas.*"]
     ),
     # The demo CLIP's config and checkpoint travel with the code so remote workers have them.
-    package_data={"model": ["demo_clip/*.json", "demo_clip/*.pt"]},
+    package_data={"transforms.lib": ["demo_clip/*.json", "demo_clip/*.pt"]},
     install_requires=[
         "apache-beam>=2.60",
         "pyarrow>=14",
@@ -25,11 +25,11 @@ setup(
         # model/data.py passes workersplitter= and empty_check= (0.2.96 has them), and resuming mid-epoch
         # (skip_batches) gives the uninterrupted stream only from 0.2.109 (0.2.96 and 0.2.100 fail test_train).
         "webdataset>=0.2.109",
-        "braceexpand>=0.1.7",  # `{000..009}` input patterns (transforms/read.py, model/data.py)
+        "braceexpand>=0.1.7",  # `{000..009}` input patterns (transforms/lib/io.py)
         "fsspec>=2023.1",
         # 3.1: text_global_pool(eos_token_id=), which the lean text pass calls.
         "open_clip_torch>=3.1",
-        "huggingface_hub>=0.20",  # resolving hf-hub: CLIP weights from the local cache (transforms/embed.py)
+        "huggingface_hub>=0.20",  # resolving hf-hub: CLIP weights from the local cache (transforms/lib/clip.py)
         # No upper cap here: through --setup_file a cap would downgrade a Dataflow worker's CUDA torch.
         # CI pins the tested torch/torchvision in .ci/constraints.txt.
         "torch>=2.1",

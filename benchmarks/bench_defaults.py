@@ -5,7 +5,7 @@
     python benchmarks/bench_defaults.py --examples 3000 --clip_model ViT-B-32 --clip_pretrained none \\
         --device cuda --bare                                                           # what gpu_check.sh runs
 
-Writes the demo corpus with 256 px images (`pipelines.demo_data`, seed 0), then builds it in a child
+Writes the demo corpus with 256 px images (`pipelines.demo.data`, seed 0), then builds it in a child
 process with every tokenizer and layout flag at its default (only --clip_model, --clip_pretrained,
 --device and the batch sizes are set) on the DirectRunner. Prints the build's examples/s (written
 examples over the pipeline's seconds and over the child's wall time), Beam's sampled execution time per
@@ -86,7 +86,8 @@ def bare_rate(args, data: str) -> tuple[float, int, str]:
     import torch
 
     from benchmarks.bench_embed import bare_loop
-    from transforms.embed import ClipEmbedder, resolve_clip
+    from transforms.lib.clip import resolve_clip
+    from transforms.lib.embed import ClipEmbedder
 
     examples = demo_pairs(data)
     model, preprocess, tokenizer = resolve_clip(args.clip_model, args.clip_pretrained, args.device)
@@ -159,7 +160,7 @@ def main() -> int:
     if args.quick:
         args.examples = 24
     sys.path.insert(0, str(REPO))
-    from pipelines.demo_data import write_demo_corpus
+    from pipelines.demo.data import write_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or tmp

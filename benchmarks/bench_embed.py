@@ -35,7 +35,7 @@ def make_inputs(n: int, image_size: int, seed: int = 0, scrambled: bool = False)
     With `scrambled`, each caption's words are shuffled: the same lengths, but without the demo's
     templated openings, which the prefix-shared text pass would otherwise share between captions.
     """
-    from pipelines.demo_data import sample_pairs
+    from pipelines.demo.data import sample_pairs
     from schemas.records import Example
 
     rng = np.random.default_rng(seed)
@@ -101,7 +101,9 @@ def pipeline_run(args, examples) -> tuple[list, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from transforms.embed import ClipEmbedder, ClipModelHandler, resolve_clip
+    from transforms.embed import ClipModelHandler
+    from transforms.lib.clip import resolve_clip
+    from transforms.lib.embed import ClipEmbedder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clip_model", default="ViT-B-32")

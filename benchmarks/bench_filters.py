@@ -52,7 +52,7 @@ SWEEP_T = (0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99)
 def build_child(data: str, output: str, extra: list[str]) -> None:
     """In the child: build, print one JSON line with the stats and per-stage sampled msecs."""
     from pipelines import build_corpus
-    from pipelines.demo import demo_build_flags
+    from pipelines.demo.command import demo_build_flags
 
     argv = ["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *demo_build_flags(), *extra]
     print(json.dumps(run_with_stages(build_corpus, argv)), flush=True)
@@ -175,7 +175,7 @@ def sweep(corpus: str, meta: dict) -> tuple[list[str], list[str]]:
 
 
 def measure(size: int, workdir: str, s: float, t: float) -> dict:
-    from pipelines.demo_data import add_filter_cases, sample_meta, write_demo_corpus
+    from pipelines.demo.data import add_filter_cases, sample_meta, write_demo_corpus
     from schemas import artifacts
     from transforms.lib.io import read_table
 

@@ -2,7 +2,7 @@
 
 Both paths run `model.sample.generate` on the same model, prompt, guidance and seed: without the cache
 every new token re-runs the whole context (what the sampler did before), with it each token costs one
-position. The model is the demo's architecture (`pipelines/demo.py`: 2 layers, 4 heads, width 128)
+position. The model is the demo's architecture (`pipelines/demo/command.py`: 2 layers, 4 heads, width 128)
 with its learned positions extended so that a 64-token prompt plus 1,024 generated tokens fit (the
 demo's own seq_len is 512). Classifier-free guidance is on, so both streams run (and both are cached).
 The two paths must produce the same tokens; the script fails if they do not.

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.n = 200_000
 
-    from pipelines.demo_data import describe, random_scene
+    from pipelines.demo.data import describe, random_scene
     from transforms.lib.corpus import Corpus
     from transforms.lib.retrieve import RetrievalRules
     from transforms.lib.rng import rng_for

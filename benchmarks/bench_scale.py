@@ -9,10 +9,10 @@
 The default stops at 8k because a 16k build took over 5 minutes on the 2-core development machine
 (4k took 114 s there while other jobs shared the cores); 64k takes most of an hour there.
 
-For each size the demo corpus (`pipelines.demo_data.write_demo_corpus`, 250 examples per tar as
+For each size the demo corpus (`pipelines.demo.data.write_demo_corpus`, 250 examples per tar as
 `cm3corpus demo`, 64 px images or `--image_size`) is written, then built by `pipelines.build_corpus.run`
 with the demo CLIP on the in-process DirectRunner, in a child process of its own: with
-`pipelines.demo.demo_build_flags()`, or with `--defaults` at the build's own defaults (8,192 codes,
+`pipelines.demo.command.demo_build_flags()`, or with `--defaults` at the build's own defaults (8,192 codes,
 1,024 tokens per 256 px image, 56,320 BPE entries, 4,096-token sequences) but the demo CLIP, since no
 hub can be reached, and a prepared codebook (`build_flags`). Reported per size:
 
@@ -100,7 +100,7 @@ def build_flags(settings: str, workdir: str) -> list[str]:
     iterations) takes tens of minutes on 2 cores and says nothing of the cost per example, which is
     the same for any codebook of that size.
     """
-    from pipelines.demo import demo_build_flags
+    from pipelines.demo.command import demo_build_flags
 
     if settings == "demo":
         return demo_build_flags()
@@ -153,7 +153,7 @@ def _token_bytes(output: str) -> float:
 
 def measure(size: int, workdir: str, settings: str = "demo", image_size: int = 64, held: bool = False) -> dict:
     """Write the demo corpus of `size` examples, build it in a child process, return its figures."""
-    from pipelines.demo_data import write_demo_corpus
+    from pipelines.demo.data import write_demo_corpus
 
     tag = f"{settings}-{image_size}px-{size}"
     data, output, log = f"{workdir}/data-{tag}", f"{workdir}/corpus-{tag}", f"{workdir}/build-{tag}.log"

@@ -8,7 +8,7 @@ laid out before the prompt, and with none. Reported per arm:
 - best CLIP score: the demo CLIP's score of the best-ranked sample against the prompt (what
   `cm3corpus generate` ranks by), and the mean over all samples;
 - shape / colour accuracy: each generated image classified zero-shot by the demo CLIP over the 40
-  prompts "a {colour} {shape}", against the prompt's ground truth (`pipelines.demo_data` scenes);
+  prompts "a {colour} {shape}", against the prompt's ground truth (`pipelines.demo.data` scenes);
   for the best-ranked sample and over all samples. The same classifier on the real held-out images
   gives its ceiling, and chance is 1/5 (shape) and 1/8 (colour);
 - image NLL: the teacher-forced mean loss of the real image's tokens after the prompt (no sampling
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.generate import GenerateConfig, load_decoder, run_generate  # noqa: E402
-from pipelines.demo_data import COLORS, SHAPES  # noqa: E402
+from pipelines.demo.data import COLORS, SHAPES  # noqa: E402
 from transforms.lib.corpus import Corpus  # noqa: E402
 
 

@@ -80,7 +80,7 @@ def read_shard(path: str) -> list[tuple[str, np.ndarray, dict]]:
 def _build(root: str, inputs: str, seed: int, extra: list[str]) -> None:
     """One `build_corpus.run` with the demo flags and `--cm3_masking none`, skipped when already built."""
     from pipelines import build_corpus
-    from pipelines.demo import demo_build_flags
+    from pipelines.demo.command import demo_build_flags
 
     if os.path.exists(os.path.join(root, "stats.json")):
         return
@@ -108,7 +108,7 @@ def build_corpora(workdir: str, examples: int, seed: int) -> dict[str, Build]:
     bank (every document) held-out query documents are retrieved as neighbours of training queries, so
     the retrieval arm would train on the very documents it is evaluated on, a leak the other arm lacks.
     """
-    from pipelines.demo_data import write_demo_corpus
+    from pipelines.demo.data import write_demo_corpus
 
     data = os.path.join(workdir, "data")
     if not glob.glob(f"{data}/*.tar"):
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         builds = build_corpora(workdir, args.examples, args.corpus_seed)
         checks = check_builds(builds)
         print(f"[exp] checks: {json.dumps(checks)}", flush=True)
-        # pipelines/demo.py: train_and_sample's settings, which train well on a CPU.
+        # pipelines/demo/command.py: train_and_sample's settings, which train well on a CPU.
         base = {"batch_size": 8, "seq_len": 512, "n_layer": 2, "n_head": 4, "n_embd": 128, "lr": 2e-3, "device": "cpu"}
         results = []
         for seed in [int(s) for s in args.seeds.split(",")]:

@@ -29,7 +29,8 @@ def main() -> int:
     from PIL import Image
 
     from benchmarks.bench_defaults import demo_pairs
-    from transforms.embed import ClipEmbedder, resolve_clip
+    from transforms.lib.clip import resolve_clip
+    from transforms.lib.embed import ClipEmbedder
     from transforms.lib.tokenize import load_image_tokenizer
 
     examples = demo_pairs(args.data)[: args.n]

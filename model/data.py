@@ -37,6 +37,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
+from transforms.lib.io import expand_patterns
 
 QUERY = -1  # a segment's doc_index for the query (transforms.lib.layout.QUERY)
 
@@ -52,17 +53,14 @@ def expand_shards(pattern_or_urls: str | Sequence[str]) -> list[str]:
         pattern_or_urls: a pattern, a `::`-separated list of patterns, or a sequence of patterns.
             Remote URLs (`s3://`, `gs://`, `pipe:` ...) are only brace-expanded.
     """
-    import braceexpand
-
     patterns = [pattern_or_urls] if isinstance(pattern_or_urls, str) else list(pattern_or_urls)
     urls: list[str] = []
-    for pattern in itertools.chain.from_iterable(p.split("::") for p in patterns):
-        for url in braceexpand.braceexpand(pattern):
-            local = "://" not in url and not url.startswith("pipe:")
-            if local and glob.has_magic(url):
-                urls += glob.glob(url)
-            else:
-                urls.append(url)
+    for url in expand_patterns(patterns, "::"):
+        local = "://" not in url and not url.startswith("pipe:")
+        if local and glob.has_magic(url):
+            urls += glob.glob(url)
+        else:
+            urls.append(url)
     if not urls:
         raise FileNotFoundError(f"no shards match {pattern_or_urls!r}")
     return sorted(set(urls))

@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc = config_from_args(args)
     import pickle
 
-    from transforms.embed import ClipWeightsUnavailable
+    from transforms.lib.clip import ClipWeightsUnavailable
     from transforms.lib.corpus import Corpus
 
     try:

@@ -21,12 +21,13 @@ from schemas import artifacts
 from schemas.records import Example, Reject
 from transforms.assemble import JoinNeighbours
 from transforms.lib.io import atomic_open
+from transforms.lib.read import expand_inputs
 from transforms.lib.report import report_doc
 from transforms.lib.rng import is_held_out, stable_hash
 from transforms.lib.validate import printable
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
-from transforms.read import ReadExamples, expand_inputs
+from transforms.read import ReadExamples
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -56,8 +57,10 @@ def _reject_sort_key(r: Reject) -> str:
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
-    from transforms.embed import EmbedExamples, clip_embed_dim, embedding_rows, file_view
+    from transforms.embed import EmbedExamples
     from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
+    from transforms.lib.clip import clip_embed_dim
+    from transforms.lib.embed import embedding_rows, file_view
     from transforms.lib.retrieve import RetrievalRules
     from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
     from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts

@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {
-    "demo": ("pipelines.demo", "Make the demo corpus and build it end to end (the README's first command)."),
-    "demo-data": ("pipelines.demo_data", "Write the synthetic demo corpus in img2dataset's WebDataset layout."),
+    "demo": ("pipelines.demo.command", "Make the demo corpus and build it end to end (the README's first command)."),
+    "demo-data": ("pipelines.demo.data", "Write the synthetic demo corpus in img2dataset's WebDataset layout."),
     "build": ("pipelines.build_corpus", "Run the corpus pipeline: --input PATTERN --output DIR [Beam options]."),
-    "fit-demo-clip": ("model.fit_demo_clip", "Train the tiny demo CLIP on freshly drawn demo scenes."),
+    "fit-demo-clip": ("pipelines.demo.fit_clip", "Train the tiny demo CLIP on freshly drawn demo scenes."),
     "train": ("model.train", "Train the CM3 decoder on built shards."),
     "query": ("pipelines.query", "Search a built corpus's memory bank with a text or an image."),
     "generate": ("model.generate", "Sample images (or captions) from a trained decoder, retrieving from a corpus."),

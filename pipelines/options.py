@@ -289,7 +289,7 @@ def resolve_inputs(cfg: BuildConfig) -> list[tuple[str, str]]:
     """
     import fsspec
 
-    from transforms.read import expand_inputs
+    from transforms.lib.read import expand_inputs
 
     def expand(flag: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
         try:

@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from transforms.lib.clip import ClipWeightsUnavailable
 from transforms.lib.corpus import (
     DEFAULT_K,
     RULE_CHECKS,
@@ -71,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--k must be at least 1, got {args.k}")
     rules = rules_from_args(args) if args.rules else None
     image = read_image_file(args.image) if args.image else None
-    from transforms.embed import ClipWeightsUnavailable  # lazy: pulls Beam and torch; --help starts without
 
     try:  # the CLIP loads lazily, at the first query: its errors are the user's to fix, in one line
         corpus = Corpus(args.corpus, args.device, args.clip_pretrained, args.nprobe, args.memory_bank)

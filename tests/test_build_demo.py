@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
-from pipelines.demo_data import write_demo_corpus
+from pipelines.demo.command import demo_build_flags
+from pipelines.demo.data import write_demo_corpus
 from schemas import artifacts
 from transforms.lib.io import read_table
 from transforms.lib.layout import unmask

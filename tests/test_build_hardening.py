@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
+from pipelines.demo.command import demo_build_flags
 from schemas import artifacts
 from tests.badinputs import add_member, encode, rgb, write_tar
 from transforms.lib.io import read_table
@@ -174,7 +174,7 @@ _BUILD_CHILD = textwrap.dedent(
     """
     import resource, sys
     from pipelines import build_corpus
-    from pipelines.demo import demo_build_flags
+    from pipelines.demo.command import demo_build_flags
     build_corpus.run(["--output", sys.argv[1], "--max_image_bytes=1048576", *demo_build_flags(), *sys.argv[2:]])
     print("MAXRSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """
@@ -186,7 +186,7 @@ _READ_CHILD = textwrap.dedent(
     import json, resource, sys
     from pipelines.options import BuildConfig
     from schemas.records import RawSample
-    from transforms.read import _budgets, expand_inputs, fetch_parts, read_unit
+    from transforms.lib.read import _budgets, expand_inputs, fetch_parts, read_unit
     from transforms.lib.validate import validate
     cfg = BuildConfig(input=tuple(a.split("=", 1)[1] for a in sys.argv[2:]), output="unused", max_image_bytes=2**20)
     budgets = _budgets(cfg)

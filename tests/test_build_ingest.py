@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
+from pipelines.demo.command import demo_build_flags
 from schemas import artifacts
 from tests.badinputs import cases, encode, rgb, write_tar
 from transforms.lib.io import read_table

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
-from pipelines.demo_data import write_demo_corpus
+from pipelines.demo.command import demo_build_flags
+from pipelines.demo.data import write_demo_corpus
 from schemas.vocab import ChameleonVocab, Vocab, load_vocab
 from tests.tiny_vqgan import (
     IMAGE_ENTRIES,

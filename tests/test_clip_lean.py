@@ -7,8 +7,9 @@ import open_clip
 import pytest
 import torch
 
-from transforms import embed
 from transforms.lib import clip_lean
+from transforms.lib.clip import DEMO, resolve_clip
+from transforms.lib.embed import ClipEmbedder, dropout_tokens
 
 CAPTIONS = [
     "a red circle",
@@ -57,7 +58,7 @@ def test_lean_text_matches_encode_text(kind, tokenizer):
     options = {"quick_gelu": {"qg": True}, "layer_scale": {"text": {"ls_init_value": 0.5}}}
     model = _tiny_vit_clip(**options.get(kind, {}))
     tokens = tokenizer(CAPTIONS)
-    queries = embed.dropout_tokens(tokens, [f"k{i}" for i in range(len(CAPTIONS))], 0.3, seed=0)
+    queries = dropout_tokens(tokens, [f"k{i}" for i in range(len(CAPTIONS))], 0.3, seed=0)
     batch = torch.cat([tokens, queries])
     stats: dict = {}
     with torch.inference_mode():
@@ -86,7 +87,7 @@ def test_lean_paths_refuse_towers_they_do_not_fit(tokenizer):
     model.visual.transformer.resblocks[1].mlp.add_module("drop", torch.nn.Identity())  # an unknown MLP
     assert not clip_lean.lean_image_applies(model)
     assert not clip_lean.standard_blocks(model.visual.transformer)
-    demo, _, demo_tokenizer = embed.resolve_clip(embed.DEMO, None)  # a ResNet image tower
+    demo, _, demo_tokenizer = resolve_clip(DEMO, None)  # a ResNet image tower
     assert not clip_lean.lean_image_applies(demo)
     assert clip_lean.lean_text_applies(demo, demo_tokenizer)
 
@@ -99,7 +100,7 @@ def test_load_check_refuses_a_pass_that_disagrees(tokenizer, monkeypatch):
     monkeypatch.setattr(clip_lean, "lean_encode_image", lambda m, p: image(m, p.roll(1, dims=0)))
     assert not clip_lean.lean_text_applies(model, tokenizer)
     assert not clip_lean.lean_image_applies(model)
-    embedder = embed.ClipEmbedder(model, open_clip.image_transform(32, is_train=False), tokenizer)
+    embedder = ClipEmbedder(model, open_clip.image_transform(32, is_train=False), tokenizer)
     assert not embedder.lean_image and not embedder.lean_text and embedder.fast_text  # the sliced pass still fits
 
 
@@ -110,7 +111,7 @@ def test_embedder_uses_lean_paths_and_agrees_with_open_clip(tokenizer):
 
     model = _tiny_vit_clip()
     preprocess = open_clip.image_transform(32, is_train=False)
-    embedder = embed.ClipEmbedder(model, preprocess, tokenizer)
+    embedder = ClipEmbedder(model, preprocess, tokenizer)
     assert embedder.lean_text and embedder.lean_image
     assert embedder.paths == "text prefix-shared, image pooled-only last block"
     images = []

@@ -1,14 +1,14 @@
-"""model/demo_clip and model/fit_demo_clip.py: the shipped checkpoint, training, held-out retrieval."""
+"""transforms/lib/demo_clip and pipelines/demo/fit_clip.py: the shipped checkpoint, training, held-out retrieval."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model import fit_demo_clip
-from model.demo_clip import CHECKPOINT_PATH, MODEL_NAME, load_demo_clip, model_config, register_demo_clip
+from pipelines.demo import fit_clip
+from transforms.lib.demo_clip import CHECKPOINT_PATH, MODEL_NAME, load_demo_clip, model_config, register_demo_clip
 
-# Measured for the shipped checkpoint (fit_demo_clip.evaluate_checkpoint, 1000 held-out examples, seed 123),
+# Measured for the shipped checkpoint (fit_clip.evaluate_checkpoint, 1000 held-out examples, seed 123),
 # less a margin for BLAS and PIL differences between machines.
 MIN_TOP1 = 0.85  # measured 0.887
 
@@ -36,8 +36,8 @@ def test_load_demo_clip_matches_open_clip_loading_the_same_file():
 
 def test_fit_is_deterministic_given_the_seed(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    fit_demo_clip.fit_demo_clip(a, steps=2, batch_size=8, seed=3, log_every=100)
-    fit_demo_clip.fit_demo_clip(b, steps=2, batch_size=8, seed=3, log_every=100)
+    fit_clip.fit_demo_clip(a, steps=2, batch_size=8, seed=3, log_every=100)
+    fit_clip.fit_demo_clip(b, steps=2, batch_size=8, seed=3, log_every=100)
     sa = torch.load(a, weights_only=True)["state_dict"]
     sb = torch.load(b, weights_only=True)["state_dict"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -45,9 +45,9 @@ def test_fit_is_deterministic_given_the_seed(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    lrs = [fit_demo_clip._lr_at(s, 100, 1e-3, 10) for s in range(100)]
+    lrs = [fit_clip._lr_at(s, 100, 1e-3, 10) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3) and lrs[-1] < 2e-4
 
 
 def test_shipped_demo_clip_retrieves_the_right_object_on_held_out_scenes():
-    assert fit_demo_clip.evaluate_checkpoint(CHECKPOINT_PATH) >= MIN_TOP1
+    assert fit_clip.evaluate_checkpoint(CHECKPOINT_PATH) >= MIN_TOP1

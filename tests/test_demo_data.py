@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.demo_data import (
+from pipelines.demo.data import (
     BACKGROUNDS,
     COLORS,
     IMG2DATASET_PARQUET_SCHEMA,

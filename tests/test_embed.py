@@ -1,4 +1,5 @@
-"""transforms/embed.py: the CLIP handler, the fast text path, the Beam stage and the parquet rows."""
+"""transforms/embed.py and transforms/lib/{clip,embed}.py: the CLIP handler, the fast text path, the Beam stage and
+the parquet rows."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from model.demo_clip import CONFIG_PATH
 from schemas.artifacts import embeddings_schema
 from schemas.records import IMAGE_ONLY, IMAGE_TEXT, TEXT_ONLY, Example
 from transforms import embed
+from transforms.lib import clip_lean
+from transforms.lib.clip import ClipWeightsUnavailable, clip_embed_dim, resolve_clip
+from transforms.lib.demo_clip import CONFIG_PATH
+from transforms.lib.embed import ClipEmbedder, dropout_tokens, embedding_row
 
 # The demo architecture with random weights: every code path, no checkpoint, loads in well under a second.
 ARCH = str(CONFIG_PATH)
@@ -41,12 +45,12 @@ def _examples() -> list[Example]:
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return embed.resolve_clip(ARCH, "none")
+    return resolve_clip(ARCH, "none")
 
 
 @pytest.fixture(scope="module")
 def embedder(clip):
-    return embed.ClipEmbedder(*clip)
+    return ClipEmbedder(*clip)
 
 
 def _handler(**kw) -> embed.ClipModelHandler:
@@ -72,11 +76,11 @@ def test_embeddings_unit_norm_doc_rule_and_modality(embedder):
 def test_query_dropout_seeded_on_content_tokens(embedder, clip):
     _, _, tokenizer = clip
     tokens = tokenizer(["one two three four five six seven eight nine ten"])
-    dropped = embed.dropout_tokens(tokens, ["k"], 0.2, seed=0)
+    dropped = dropout_tokens(tokens, ["k"], 0.2, seed=0)
     ids, kept = tokens[0][tokens[0] != 0].tolist(), dropped[0][dropped[0] != 0].tolist()
     assert kept[0] == ids[0] and kept[-1] == ids[-1]  # start and end tokens stay
     assert len(kept) == len(ids) - 2 and set(kept) <= set(ids)  # 20% of the 10 content tokens
-    assert torch.equal(dropped, embed.dropout_tokens(tokens, ["k"], 0.2, seed=0))
+    assert torch.equal(dropped, dropout_tokens(tokens, ["k"], 0.2, seed=0))
     (_, text, query), (_, _, same) = (
         embedder.embed([("k", None, "one two three four five six seven")], 0, 0.2)[0],
         (embedder.embed([("k", None, "one two three four five six seven")], 0, 0.0)[0]),
@@ -90,17 +94,17 @@ def test_fast_text_matches_encode_text(clip):
     captions = ["a", "a red circle", "a small blue square at the top left of a large green triangle " * 3, ""]
     tokens = tokenizer(captions)
     with torch.inference_mode():
-        diff = (embed.fast_encode_text(model, tokens) - model.encode_text(tokens)).abs().max().item()
+        diff = (clip_lean.fast_encode_text(model, tokens) - model.encode_text(tokens)).abs().max().item()
     assert diff < 1e-5
-    assert embed.fast_text_applies(model, tokenizer)
+    assert clip_lean.fast_text_applies(model, tokenizer)
 
 
 def test_fast_text_falls_back_where_it_does_not_apply(clip):
     model, _, tokenizer = clip
     model.text_pool_type = "last"  # pooling the last (padded) position: slicing would change the result
     try:
-        assert not embed.fast_text_applies(model, tokenizer)
-        assert not embed.ClipEmbedder(model, *clip[1:]).fast_text
+        assert not clip_lean.fast_text_applies(model, tokenizer)
+        assert not ClipEmbedder(model, *clip[1:]).fast_text
     finally:
         model.text_pool_type = "argmax"
 
@@ -117,9 +121,9 @@ def test_undecodable_image_is_an_error_for_that_example_only(embedder):
 
 def test_embedding_rows_round_trip_parquet_with_nulls(embedder, tmp_path):
     results = _handler().embed_batch(_examples(), embedder)
-    dim = embed.clip_embed_dim(ARCH)
+    dim = clip_embed_dim(ARCH)
     schema = embeddings_schema(dim)
-    table = pa.Table.from_pylist([embed.embedding_row(e) for e in results], schema=schema)
+    table = pa.Table.from_pylist([embedding_row(e) for e in results], schema=schema)
     # pyarrow 25 cannot read back a null fixed-size list stored with its Arrow schema (apache/arrow#35692):
     # stored as plain lists, read, then cast to the artifact schema.
     pq.write_table(table, tmp_path / "e.parquet", store_schema=False)
@@ -148,17 +152,17 @@ def test_pipeline_loads_model_once_and_rejects_bad_image():
 
 
 def test_missing_weights_give_a_plain_error(monkeypatch):
-    with pytest.raises(embed.ClipWeightsUnavailable, match="--clip_model demo"):
-        embed.resolve_clip("ViT-B-32", "/nonexistent/open_clip_pytorch_model.bin")
-    with pytest.raises(embed.ClipWeightsUnavailable, match="not a pretrained tag"):
-        embed.resolve_clip("ViT-B-32", "no_such_tag")
+    with pytest.raises(ClipWeightsUnavailable, match="--clip_model demo"):
+        resolve_clip("ViT-B-32", "/nonexistent/open_clip_pytorch_model.bin")
+    with pytest.raises(ClipWeightsUnavailable, match="not a pretrained tag"):
+        resolve_clip("ViT-B-32", "no_such_tag")
     # A real tag, not cached, hub unreachable: no waiting on retries, the same plain error.
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(embed, "_cached_pretrained", lambda pcfg: None)
-    with pytest.raises(embed.ClipWeightsUnavailable, match="--clip_pretrained /path/to/open_clip_pytorch_model.bin"):
-        embed.resolve_clip("RN50", "yfcc15m")
+    monkeypatch.setattr("transforms.lib.clip._cached_pretrained", lambda pcfg: None)
+    with pytest.raises(ClipWeightsUnavailable, match="--clip_pretrained /path/to/open_clip_pytorch_model.bin"):
+        resolve_clip("RN50", "yfcc15m")
 
 
 def test_unreachable_weights_host_fails_in_seconds_not_after_retries(monkeypatch):
@@ -171,14 +175,14 @@ def test_unreachable_weights_host_fails_in_seconds_not_after_retries(monkeypatch
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(embed, "_cached_pretrained", lambda pcfg: None)
+    monkeypatch.setattr("transforms.lib.clip._cached_pretrained", lambda pcfg: None)
     start = time.monotonic()
-    with pytest.raises(embed.ClipWeightsUnavailable, match="huggingface.co:443 is unreachable.*--clip_model demo"):
-        embed.resolve_clip("ViT-B-32", "laion2b_s34b_b79k")
+    with pytest.raises(ClipWeightsUnavailable, match="huggingface.co:443 is unreachable.*--clip_model demo"):
+        resolve_clip("ViT-B-32", "laion2b_s34b_b79k")
     assert time.monotonic() - start < 5  # no download attempted
 
 
 def test_demo_resolves_to_the_shipped_checkpoint():
-    model, preprocess, tokenizer = embed.resolve_clip("demo", "laion2b_s34b_b79k")  # the build's default tag is ignored
+    model, preprocess, tokenizer = resolve_clip("demo", "laion2b_s34b_b79k")  # the build's default tag is ignored
     assert not model.training
-    assert embed.clip_embed_dim("demo") == model.text_projection.shape[1]
+    assert clip_embed_dim("demo") == model.text_projection.shape[1]

@@ -15,10 +15,10 @@ import apache_beam as beam
 import pytest
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
-from pipelines.demo_data import write_demo_corpus
+from pipelines.demo.command import demo_build_flags
+from pipelines.demo.data import write_demo_corpus
 from pipelines.options import BuildConfig
-from transforms.read import expand_inputs
+from transforms.lib.read import expand_inputs
 
 NUM_EXAMPLES = 160
 
@@ -116,7 +116,7 @@ def test_an_example_failing_in_two_branches_is_rejected_once(corpus, tmp_path, m
 
     import pyarrow.parquet as pq
 
-    import transforms.embed as embed
+    import transforms.lib.embed as embed
     import transforms.lib.tokenize as tokenize
 
     with tarfile.open(sorted((corpus / "data").glob("*.tar"))[0]) as tar:

@@ -15,8 +15,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
-from pipelines.demo_data import add_filter_cases, sample_meta, write_demo_corpus
+from pipelines.demo.command import demo_build_flags
+from pipelines.demo.data import add_filter_cases, sample_meta, write_demo_corpus
 from pipelines.options import BuildConfig, CorpusOptions
 from schemas import artifacts
 from schemas.records import EmbeddedExample, Example, Filtered

@@ -109,8 +109,8 @@ def test_bad_generate_flags_are_one_line_errors_naming_the_flag():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     from pipelines import build_corpus
-    from pipelines.demo import demo_build_flags
-    from pipelines.demo_data import write_demo_corpus
+    from pipelines.demo.command import demo_build_flags
+    from pipelines.demo.data import write_demo_corpus
 
     root = tmp_path_factory.mktemp("gen")
     write_demo_corpus(str(root / "data"), num_examples=160, seed=5, shard_size=80)
@@ -136,7 +136,7 @@ def test_query_returns_what_a_direct_faiss_search_returns(built, capsys):
     import pyarrow.parquet as pq
 
     from pipelines.query import main
-    from transforms.embed import resolve_clip
+    from transforms.lib.clip import resolve_clip
     from transforms.lib.corpus import Corpus, query
 
     out = str(built / "out")

@@ -16,8 +16,8 @@ from PIL import Image
 
 from schemas.records import REJECT_REASONS, Example, RawSample, Reject
 from tests.badinputs import add_member, encode, rgb, write_tar
+from transforms.lib.read import MAX_MEMBERS_PER_SAMPLE, _read_capped, fetch_parts, read_manifest, read_tar
 from transforms.lib.validate import Budgets, to_rgb, validate
-from transforms.read import MAX_MEMBERS_PER_SAMPLE, _read_capped, fetch_parts, read_manifest, read_tar
 
 BUDGETS = Budgets(max_image_pixels=1_000_000, max_image_bytes=2**20, min_image_side=8, max_caption_chars=8192)
 

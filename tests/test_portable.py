@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import build_corpus
-from pipelines.demo import demo_build_flags
-from pipelines.demo_data import write_demo_corpus
+from pipelines.demo.command import demo_build_flags
+from pipelines.demo.data import write_demo_corpus
 from transforms import progress
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from PIL import Image
 
 from schemas.records import Example, RawSample, Reject
 from tests.badinputs import add_member, cases, encode, rgb, write_tar
+from transforms.lib.read import expand_inputs, fetch_parts, read_manifest, read_tar, read_unit
 from transforms.lib.validate import Budgets, validate
-from transforms.read import expand_inputs, fetch_parts, read_manifest, read_tar
 
 BUDGETS = Budgets(max_image_pixels=1_000_000, max_image_bytes=2**20, min_image_side=8, max_caption_chars=8192)
 
@@ -165,7 +165,6 @@ def test_folder_of_images_with_sidecars(tmp_path):
     (tmp_path / "d" / "three.txt").write_text("just words")
     units = expand_inputs((str(tmp_path / "d"),))
     assert [u[0] for u in units] == ["folder"] * 3
-    from transforms.read import read_unit
 
     class Cfg:
         caption_ext, image_column, caption_column, key_column = "txt", "image_path", "caption", "key"
@@ -222,8 +221,6 @@ def test_header_that_moves_backwards_ends_the_shard(tmp_path):
 
 def test_folder_links_fifos_and_devices_are_refused_and_never_read(tmp_path):
     import os
-
-    from transforms.read import read_unit
 
     secret = tmp_path / "secret.txt"
     secret.write_text("API_KEY=hunter2")

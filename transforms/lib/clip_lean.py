@@ -346,3 +346,54 @@ def lean_image_applies(model) -> bool:
     return matches_open_clip(
         "lean image path", lambda: lean_encode_image(model, pixels), lambda: model.encode_image(pixels), model
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sliced text pass: where only causality holds (not the prefix trie), each batch runs up to its
+# longest row.
+
+
+def fast_encode_text(model, tokens):
+    """`model.encode_text(tokens)` computed only up to the batch's longest sequence.
+
+    Padding comes after the end-of-text token and the attention is causal, so no kept position
+    attends to a padded one: slicing the tokens, the positional embedding and the causal mask to the
+    batch's length gives the same features as the 77-position pass, at a fraction of the cost.
+    Only valid for open_clip's standard text transformer; `fast_text_applies` checks that.
+
+    Args:
+        model: an open_clip CLIP (or CustomTextCLIP with a TextTransformer text tower).
+        tokens: (B, context_length) token ids, padded with 0.
+
+    Returns:
+        (B, embed_dim) unnormalized text features, like `encode_text`.
+    """
+    from open_clip.transformer import text_global_pool  # lazy: as the passes above
+
+    spec = text_tower(model)
+    if spec is None:
+        raise ValueError("fast_encode_text needs open_clip's causal text transformer; use encode_text")
+    tower, pool, eos = spec
+    nonpad = (tokens != 0).any(dim=0).nonzero()
+    length = int(nonpad.max()) + 1 if len(nonpad) else 1
+    text = tokens[:, :length]  # (B, L)
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text).to(cast_dtype)  # (B, L, W)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    return project_text(tower, text_global_pool(x, text, pool, eos_token_id=eos))  # (B, D)
+
+
+def fast_text_applies(model, tokenizer) -> bool:
+    """Whether `fast_encode_text` matches `model.encode_text` on a probe batch (raw features, max abs diff)."""
+    if text_tower(model) is None:
+        return False
+    tokens = tokenizer(list(PROBE_CAPTIONS)).to(next(model.parameters()).device)
+    return matches_open_clip(
+        "fast text path",
+        lambda: fast_encode_text(model, tokens),
+        lambda: model.encode_text(tokens),
+        model,
+        normalized=False,
+    )

@@ -36,6 +36,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from schemas.records import IMAGE_TEXT, EmbeddedExample, Example, RawSample, Reject
+from transforms.lib.clip import DEMO, resolve_clip
+from transforms.lib.embed import ClipEmbedder, embedded_example
 from transforms.lib.layout import QUERY, unmask
 from transforms.lib.memory_bank import INFO_FILE, load_bank
 from transforms.lib.retrieve import SEARCH_MARGIN, RetrievalRules, rescore, retrieve_batch
@@ -112,12 +114,8 @@ class Corpus:
 
     @property
     def embedder(self):
-        """The bank's CLIP (`transforms.embed.ClipEmbedder`), loaded on first use."""
+        """The bank's CLIP (`transforms.lib.embed.ClipEmbedder`), loaded on first use."""
         if self._embedder is None:
-            # lazy: the embed stage is a Beam module (it pulls Beam and open_clip); its CLIP loading moves to
-            # transforms/lib/ with the embed split, and then this import goes to the top.
-            from transforms.embed import DEMO, ClipEmbedder, resolve_clip
-
             name = self.info["clip_model"]
             pretrained = self._clip_pretrained or self.info.get("clip_pretrained")
             if pretrained is None and name != DEMO:
@@ -135,7 +133,6 @@ class Corpus:
         """The query as the build would embed an example with this caption and image (no dropout)."""
         if not text and image is None:
             raise ValueError("a query needs a text or an image")
-        from transforms.embed import embedded_example  # lazy: a Beam module until the embed split (above)
 
         text_emb = self.embedder.encode_texts([text])[0] if text else None
         image_emb = self.embedder.encode_images([image])[0] if image is not None else None

@@ -1,14 +1,20 @@
-"""Writing and reading files whole: a reader never sees a partial file (any fsspec URL).
+"""Writing and reading files whole: a reader never sees a partial file (any fsspec URL); and input patterns.
 
 Every artifact the build, the trainer and the demo write goes through `atomic_open` (a temporary
 name beside the target, renamed into place on success), so a killed or retried task leaves either
 the old file or the new one.
+
+`expand_patterns` is the one brace expansion (`{000..009}`, `{a,b}`) and `::` list splitting of
+input patterns, shared by the build's inputs (`transforms.lib.read.expand_inputs`) and the trainer's
+shards (`model.data.expand_shards`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 
+import braceexpand
 import pyarrow as pa
 
 
@@ -69,3 +75,15 @@ def read_table(path: str, schema: pa.Schema) -> pa.Table:
             raise ValueError(f"{f} has columns {table.schema.names}, the artifact schema {schema.names}")
         tables.append(table.cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def expand_patterns(patterns: Iterable[str], separator: str | None = None) -> Iterator[str]:
+    """Each pattern's brace expansions (`cm3-{000..009}.tar`, `{train,val}.jsonl`), in order.
+
+    Args:
+        patterns: paths, globs or URLs; globs are left to the caller, which knows its filesystem.
+        separator: when given (`::`), each pattern is first split into a list of patterns at it.
+    """
+    for pattern in patterns:
+        for part in pattern.split(separator) if separator else (pattern,):
+            yield from braceexpand.braceexpand(part)

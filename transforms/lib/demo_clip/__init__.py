@@ -38,7 +38,7 @@ def model_config() -> dict[str, Any]:
 
 def register_demo_clip() -> str:
     """Register the architecture with open_clip (idempotent) and return its model name."""
-    import open_clip
+    import open_clip  # lazy: seconds to import; `--clip_model demo` is known without loading it
 
     if MODEL_NAME not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_PATH)
@@ -47,7 +47,7 @@ def register_demo_clip() -> str:
 
 def create_demo_clip(device: str = "cpu"):
     """A randomly initialised demo CLIP: (model, preprocess_train, preprocess_val, tokenizer)."""
-    import open_clip
+    import open_clip  # lazy: as in register_demo_clip
 
     name = register_demo_clip()
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -60,13 +60,13 @@ def load_demo_clip(checkpoint: str | Path = CHECKPOINT_PATH, device: str = "cpu"
     """The trained demo CLIP in eval mode: (model, preprocess, tokenizer).
 
     Args:
-        checkpoint: a checkpoint written by `fit_demo_clip` (default: the one shipped with the package).
+        checkpoint: a checkpoint written by `pipelines.demo.fit_clip` (default: the one shipped with the package).
         device: "cpu" or "cuda"; on cuda the model runs in half precision.
 
     Raises:
         FileNotFoundError: when the checkpoint is missing (run `cm3corpus fit-demo-clip`).
     """
-    import open_clip
+    import open_clip  # lazy: as in register_demo_clip
     import torch
 
     if not Path(checkpoint).is_file():
@@ -81,7 +81,7 @@ def load_demo_clip(checkpoint: str | Path = CHECKPOINT_PATH, device: str = "cpu"
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     finally:
         logging.getLogger().removeFilter(quiet)
-    # weights_only: a checkpoint is data, never code (DESIGN "Determinism and safety").
+    # weights_only: a checkpoint is data, never code (docs/design.md "Determinism and safety").
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])  # float16 storage, copied into the float32 parameters
     model = model.to(device).eval()

@@ -5,7 +5,7 @@ Scenes hold one or two coloured shapes on a plain background. `render` draws the
 batches, and `write_demo_corpus` writes img2dataset's WebDataset output layout (`00000.tar` with
 `KEY.jpg`/`KEY.txt`/`KEY.json`, `00000.parquet`, `00000_stats.json`) so the demo exercises the same
 reader that real img2dataset output goes through. The corpus also holds the awkward cases the
-pipeline must handle: text-only and image-only documents and near-duplicates (DESIGN: relevance
+pipeline must handle: text-only and image-only documents and near-duplicates (docs/design.md: relevance
 rule skips candidates scoring above 0.9 against the query).
 
 Same seed ⇒ byte-identical tars and parquet: every draw comes from `rng_for(seed, key, purpose)`

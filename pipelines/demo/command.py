@@ -9,8 +9,18 @@ generations to `OUTPUT/corpus/report.html`. Extra flags pass through to `cm3corp
 from __future__ import annotations
 
 import argparse
+import glob
+import io
+import json
 import sys
+import tarfile
 from collections.abc import Sequence
+
+from PIL import Image
+
+from pipelines.demo.data import write_demo_corpus
+from transforms.lib.report import append_section, training_section
+from transforms.lib.tokenize import decode_text, encode_caption, encode_image
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,8 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train_steps", type=int, default=150, help="Steps of the closing training run (0: none).")
     args, build_flags = parser.parse_known_args(argv)
 
-    from pipelines import build_corpus
-    from pipelines.demo_data import write_demo_corpus
+    from pipelines import build_corpus  # lazy: Beam takes seconds to import; `cm3corpus demo --help` needs none
 
     data, corpus = f"{args.output}/data", f"{args.output}/corpus"
     summary = write_demo_corpus(
@@ -43,15 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
     """A short training run on the corpus's shards, then a few generations, added to report.html."""
-    import io
-    import json
-
+    # lazy: torch and Beam take seconds to import; `cm3corpus demo --help` and `--train_steps 0` need neither
     import torch
 
     from model.sample import generate_caption, generate_image
     from model.train import TrainConfig, load_model, train
-    from transforms.lib.report import append_section, training_section
-    from transforms.lib.tokenize import decode_text, encode_caption, encode_image
     from transforms.sequences import load_once
 
     cfg = TrainConfig(
@@ -89,8 +94,6 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
         text_to_image.append((caption, png(codes)))
     image_to_text = []
     for _, (original, caption) in zip(range(2), _demo_pairs(corpus), strict=False):
-        from PIL import Image
-
         image = Image.open(io.BytesIO(original)).convert("RGB")
         ids = generate_caption(model, vocab, encode_image(image_tok, vocab, image), generator=rng)
         text = decode_text(text_tok, vocab, [i for i in ids if vocab.text_start <= i < vocab.image_start])
@@ -114,9 +117,6 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
 
 def _demo_pairs(corpus: str):
     """(image bytes, caption) of a few documents, from the report's own sample: the embeddings hold captions."""
-    import glob
-    import tarfile
-
     data = corpus.rsplit("/", 1)[0] + "/data"
     for path in sorted(glob.glob(f"{data}/*.tar"))[-1:]:
         with tarfile.open(path) as tf:

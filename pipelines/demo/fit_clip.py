@@ -1,8 +1,8 @@
 """`cm3corpus fit-demo-clip`: train the tiny demo CLIP on freshly drawn demo scenes.
 
 Contrastive (CLIP) training where every step draws a new batch of rendered scenes and their
-captions from `pipelines.demo_data.sample_pairs`, so the model never sees a pair twice and cannot
-memorise a fixed set (DESIGN "Frozen models with no network": a fixed 5k-pair set trained far
+captions from `pipelines.demo.data.sample_pairs`, so the model never sees a pair twice and cannot
+memorise a fixed set (docs/design.md "Frozen models with no network": a fixed 5k-pair set trained far
 worse). `evaluate_top1` measures what retrieval needs: on a demo corpus drawn with another seed, how
 often the top-1 image for a caption shows the caption's first object (same shape and colour).
 """
@@ -23,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.demo.data import sample_pairs, write_demo_corpus
+from transforms.lib.clip_lean import fast_encode_text
+from transforms.lib.demo_clip import CHECKPOINT_PATH, create_demo_clip, load_demo_clip, model_config
+from transforms.lib.embed import ClipEmbedder
+
 HELD_OUT_SEED = 123  # the evaluation corpus's seed; training draws from `seed`, so the two never overlap
 HELD_OUT_EXAMPLES = 1000
 
@@ -40,9 +45,7 @@ def _batches(seed: int, batch_size: int, image_size: int, preprocess, tokenizer,
 
     One producer consumes the generator in order, so the batches depend only on `seed`.
     """
-    import torch
-
-    from pipelines.demo_data import sample_pairs
+    import torch  # lazy: seconds to import; `cm3corpus fit-demo-clip --help` needs none
 
     out: queue.Queue = queue.Queue(maxsize=depth)
 
@@ -79,11 +82,8 @@ def fit_demo_clip(
     Returns:
         The training summary stored in the checkpoint (steps, seconds, final loss, ...).
     """
-    import torch
+    import torch  # lazy: as in _batches
     import torch.nn.functional as F
-
-    from model.demo_clip import create_demo_clip, model_config
-    from transforms.embed import fast_encode_text
 
     torch.manual_seed(seed)
     model, _, preprocess, tokenizer = create_demo_clip()
@@ -122,7 +122,7 @@ def fit_demo_clip(
 
 def save_checkpoint(model, path: str | Path, extra: dict) -> None:
     """Float16 state dict plus `extra` (the model config, how it was trained), written atomically."""
-    import torch
+    import torch  # lazy: as in _batches
 
     state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = Path(path)
@@ -167,8 +167,6 @@ def evaluate_top1(model, preprocess, tokenizer, corpus_dir: str | Path, batch_si
         model, preprocess, tokenizer: a CLIP as `load_demo_clip` returns it.
         corpus_dir: a folder of demo `*.tar` shards (drawn with a seed the model was not trained on).
     """
-    from transforms.embed import ClipEmbedder
-
     images, captions, firsts = _read_pairs(corpus_dir)
     if not images:
         raise ValueError(f"no image+text samples with object attributes under {corpus_dir}")
@@ -186,9 +184,6 @@ def evaluate_top1(model, preprocess, tokenizer, corpus_dir: str | Path, batch_si
 
 def evaluate_checkpoint(checkpoint: str | Path, examples: int = HELD_OUT_EXAMPLES, seed: int = HELD_OUT_SEED) -> float:
     """`evaluate_top1` of a saved checkpoint on a freshly written held-out demo corpus."""
-    from model.demo_clip import load_demo_clip
-    from pipelines.demo_data import write_demo_corpus
-
     model, preprocess, tokenizer = load_demo_clip(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         write_demo_corpus(tmp, num_examples=examples, seed=seed)
@@ -196,8 +191,6 @@ def evaluate_checkpoint(checkpoint: str | Path, examples: int = HELD_OUT_EXAMPLE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.demo_clip import CHECKPOINT_PATH
-
     parser = argparse.ArgumentParser(prog="cm3corpus fit-demo-clip", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(CHECKPOINT_PATH), help="Checkpoint path (default: the shipped one).")
     parser.add_argument("--steps", type=int, default=1000, help="Optimizer steps, each on a fresh batch.")
