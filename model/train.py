@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import itertools
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ import torch
 from model.data import expand_shards, find_vocab, shard_loader, split_eval
 from model.decoder import CM3Config, CM3Decoder
 from schemas.vocab import PAD
+from transforms.lib.config import add_flags, flag
 
 CKPT = "ckpt.pt"
 METRICS = "metrics.jsonl"
@@ -42,32 +41,34 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    shards: str  # shard pattern (braces, globs, `::`-separated lists)
-    output: str  # run directory: metrics.jsonl and ckpt.pt
+    """Every field is the `cm3corpus train` flag of its name (`transforms.lib.config.flag`)."""
+
+    shards: str = flag(help="shard pattern (braces, globs, `::`-separated lists)")
+    output: str = flag(help="run directory: metrics.jsonl and ckpt.pt")
     # held-out shards; unset: the build's shards/heldout/ if any, else the last shard; "none": no evaluation
-    eval_shards: str | None = None
-    vocab: str | None = None  # vocab.json; default: tokenizers/vocab.json beside the shards' folder
-    max_steps: int = 1000  # optimizer steps (one batch each)
-    batch_size: int = 8  # sequences per step
-    seq_len: int = 512  # tokens per sequence
-    pack: bool = True  # concatenate samples (no padding) rather than pad each to seq_len
-    n_layer: int = 4  # model depth
-    n_head: int = 4  # attention heads
-    n_embd: int = 256  # model width
-    lr: float = 3e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # on matrices of the linear layers only (not embeddings)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    eval_every: int = 200  # steps between evaluations (and at the last step); 0 disables
-    eval_batches: int = 20  # batches per evaluation at most
-    eval_query_loss: bool = False  # also log eval_query_loss: the loss on the query's own tokens only
-    ckpt_every: int = 500  # steps between checkpoints (and at the last step); 0 disables
-    log_every: int = 10  # steps between progress lines
-    resume: bool = False  # continue from output/ckpt.pt when it exists
-    device: str = "auto"  # auto, cpu, cuda
-    num_workers: int = 0  # DataLoader workers (any count keeps the stream exact)
-    seed: int = 0  # model init and shard order
+    eval_shards: str | None = flag(None)
+    vocab: str | None = flag(None, "vocab.json; default: tokenizers/vocab.json beside the shards' folder")
+    max_steps: int = flag(1000, "optimizer steps (one batch each)")
+    batch_size: int = flag(8, "sequences per step")
+    seq_len: int = flag(512, "tokens per sequence")
+    pack: bool = flag(True, "concatenate samples (no padding) rather than pad each to seq_len")
+    n_layer: int = flag(4, "model depth")
+    n_head: int = flag(4, "attention heads")
+    n_embd: int = flag(256, "model width")
+    lr: float = flag(3e-4, "peak learning rate")
+    min_lr_ratio: float = flag(0.1, "cosine decays to lr * min_lr_ratio at max_steps")
+    warmup_steps: int = flag(100, "linear warmup from 0")
+    weight_decay: float = flag(0.1, "on matrices of the linear layers only (not embeddings)")
+    grad_clip: float = flag(1.0, "max global gradient norm; 0 disables")
+    eval_every: int = flag(200, "steps between evaluations (and at the last step); 0 disables")
+    eval_batches: int = flag(20, "batches per evaluation at most")
+    eval_query_loss: bool = flag(False, "also log eval_query_loss: the loss on the query's own tokens only")
+    ckpt_every: int = flag(500, "steps between checkpoints (and at the last step); 0 disables")
+    log_every: int = flag(10, "steps between progress lines")
+    resume: bool = flag(False, "continue from output/ckpt.pt when it exists")
+    device: str = flag("auto", "auto, cpu, cuda", choices=("auto", "cpu", "cuda"))
+    num_workers: int = flag(0, "DataLoader workers (any count keeps the stream exact)")
+    seed: int = flag(0, "model init and shard order")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -322,20 +323,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field, its help taken from the field's comment (one source of truth)."""
+    """One flag per TrainConfig field (`transforms.lib.config.add_flags`)."""
     parser = argparse.ArgumentParser(prog="cm3corpus train", description="Train the CM3 decoder on built shards.")
-    helps = dict(re.findall(r"^\s+(\w+): [^#\n]+#\s*(.+)$", inspect.getsource(TrainConfig), re.M))
-    for f in fields(TrainConfig):
-        flag, help_text = f"--{f.name}", helps.get(f.name)
-        if f.name in ("shards", "output"):
-            parser.add_argument(flag, required=True, help=help_text)
-        elif f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.name == "device":
-            parser.add_argument(flag, choices=("auto", "cpu", "cuda"), default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    add_flags(parser, TrainConfig)
     return parser
 
 
