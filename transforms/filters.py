@@ -61,7 +61,7 @@ class FilterConfig:
 
     @classmethod
     def from_config(cls, cfg) -> FilterConfig:
-        return cls(cfg.min_clip_score, cfg.dedup_threshold)
+        return cls(min_clip_score=cfg.min_clip_score, dedup_threshold=cfg.dedup_threshold)
 
     @property
     def active(self) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import apache_beam as beam
 import numpy as np
@@ -43,8 +43,8 @@ class SequenceConfig:
     seq_len: int  # tokens per training sequence at most
     cm3_masking: str  # causal | none
     neighbours_per_sequence: int  # retrieved documents placed before the query (CM3Leon: 3 of 4)
-    fit_captions: int  # captions the BPE is fitted on at most
-    fit_images: int  # images the codebook is fitted on at most
+    tokenizer_fit_captions: int  # captions the BPE is fitted on at most
+    tokenizer_fit_images: int  # images the codebook is fitted on at most
     seed: int
     vocab: str = "native"  # native | chameleon:DIR (Chameleon's text_tokenizer.json and id space)
     tokenize_batch_size: int = 16  # images per image-tokenizer batch
@@ -53,24 +53,8 @@ class SequenceConfig:
 
     @classmethod
     def from_config(cls, cfg) -> SequenceConfig:
-        return cls(
-            cfg.text_tokenizer,
-            cfg.text_vocab_size,
-            cfg.image_tokenizer,
-            cfg.image_codebook_size,
-            cfg.image_size,
-            cfg.image_patch_size,
-            cfg.seq_len,
-            cfg.cm3_masking,
-            cfg.neighbours_per_sequence,
-            cfg.tokenizer_fit_captions,
-            cfg.tokenizer_fit_images,
-            cfg.seed,
-            getattr(cfg, "vocab", "native"),
-            getattr(cfg, "tokenize_batch_size", 16),
-            getattr(cfg, "device", "cpu"),
-            getattr(cfg, "image_tokenizer_dtype", "float32"),
-        )
+        """The fields of the same names in `cfg` (a BuildConfig)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +167,7 @@ class FitTokenizers(beam.PTransform):
             captions = (
                 examples
                 | "Captions" >> beam.FlatMap(lambda e: [(e.key, e.caption)] if e.caption else [])
-                | "CaptionSample" >> beam.combiners.Top.Of(sc.fit_captions, key=_hash_of_pair, reverse=True)
+                | "CaptionSample" >> beam.combiners.Top.Of(sc.tokenizer_fit_captions, key=_hash_of_pair, reverse=True)
             )
         if sc.image_tokenizer:
             images = pipeline | "NoImageSample" >> beam.Create([[]])
@@ -191,7 +175,7 @@ class FitTokenizers(beam.PTransform):
             images = (
                 examples
                 | "Images" >> beam.FlatMap(lambda e: [(e.key, e.image)] if e.image is not None else [])
-                | "ImageSample" >> beam.combiners.Top.Of(sc.fit_images, key=_hash_of_pair, reverse=True)
+                | "ImageSample" >> beam.combiners.Top.Of(sc.tokenizer_fit_images, key=_hash_of_pair, reverse=True)
             )
         return (
             examples.pipeline

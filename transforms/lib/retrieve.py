@@ -66,7 +66,13 @@ class RetrievalRules:
 
     @classmethod
     def from_config(cls, cfg) -> RetrievalRules:
-        return cls(cfg.num_retrieved, cfg.max_similarity, cfg.diversity_threshold, cfg.retrieval_topk)
+        # topk keeps its name: `cm3corpus query`/`generate` call the same parameter --topk.
+        return cls(
+            num_retrieved=cfg.num_retrieved,
+            max_similarity=cfg.max_similarity,
+            diversity_threshold=cfg.diversity_threshold,
+            topk=cfg.retrieval_topk,
+        )
 
 
 @dataclass(slots=True)
