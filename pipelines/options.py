@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 
+import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
+from fsspec.implementations.local import LocalFileSystem
 
 from transforms.lib.config import add_flags, flag
+from transforms.lib.layout import TOKENS_PER_SPAN
+from transforms.lib.read import expand_inputs
+from transforms.sequences import NUM_SENTINELS
 
 
 class CorpusOptions(PipelineOptions):
@@ -208,9 +214,6 @@ def check_ranges(values: dict) -> None:
     size, patch = values.get("image_size", 256), values.get("image_patch_size", 8)
     if size % patch:
         refuse("image_size", f"must be a multiple of --image_patch_size {patch}")
-    from transforms.lib.layout import TOKENS_PER_SPAN
-    from transforms.sequences import NUM_SENTINELS
-
     # One document whole: <eod> caption <break> image <eod>, and the causal-masking reserve.
     reserve = TOKENS_PER_SPAN * NUM_SENTINELS if values.get("cm3_masking", "causal") == "causal" else 0
     shortest = (size // patch) ** 2 + 4 + reserve
@@ -231,9 +234,6 @@ def resolve_inputs(cfg: BuildConfig) -> list[tuple[str, str]]:
     'ds/shards/*.tar' --output ds` would delete its own input, and a folder input holding the output
     would read the last build's shards as input).
     """
-    import fsspec
-
-    from transforms.lib.read import expand_inputs
 
     def expand(flag: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
         try:
@@ -272,11 +272,6 @@ def resolve_inputs(cfg: BuildConfig) -> list[tuple[str, str]]:
 
 def _normal(url: str) -> tuple[str, str]:
     """(protocol, absolute path without a trailing slash); local paths with their links resolved."""
-    import os
-
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         return "file", os.path.realpath(path)
