@@ -7,27 +7,47 @@ reader would take it for a finished one, and a rerun replaces the previous outpu
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import dataclasses
+import difflib
 import json
+import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
+import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import BuildConfig, CorpusOptions, resolve_inputs
 from schemas import artifacts
-from schemas.records import Example, Reject
+from schemas.records import Example
 from transforms.assemble import JoinNeighbours
+from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
+from transforms.lib.clip import clip_embed_dim
+from transforms.lib.embed import embedding_rows, file_view
 from transforms.lib.io import atomic_open
 from transforms.lib.read import expand_inputs
-from transforms.lib.report import report_doc
-from transforms.lib.rng import is_held_out, stable_hash
-from transforms.lib.validate import printable
+from transforms.lib.report import FILTER_REPORT, REPORT_SAMPLE, render_staged_report
+from transforms.lib.retrieve import RetrievalRules
+from transforms.lib.rng import is_held_out
+from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
-from transforms.read import ReadExamples
+from transforms.read import FailOnSharedKeys, ReadExamples
+from transforms.rejects import OneRejectPerExample, reject_rows, reject_sort_key
+from transforms.report import ReportSample
+from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts
+from transforms.sequences import (
+    BuildSequences,
+    FitTokenizers,
+    SequenceConfig,
+    TokenizeDocs,
+    WriteShards,
+    forget_loaded,
+)
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -41,30 +61,12 @@ ARTIFACTS = (
     "tokenizers",
     "shards",
 )
-REPORT_SAMPLE = "report_sample.json"  # staged by the pipeline, rendered with the run's counts by finalize
-REPORT_QUERIES = 12
-FILTER_REPORT = "filter_report.json"  # staged by FilterCorpus: CLIP-score histogram and duplicate groups
-
-
-def _reject_rows(r: Reject) -> list[dict]:
-    # printable: a name that was not UTF-8 (a tar member, a file) must not stop the rejects writer
-    return [{"key": printable(r.key), "source": printable(r.source), "reason": r.reason, "detail": printable(r.detail)}]
-
-
-def _reject_sort_key(r: Reject) -> str:
-    return f"{r.source}\x00{r.key}\x00{r.reason}\x00{r.detail}"
 
 
 def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, str]]) -> None:
     """Add the build's stages to `p`, writing under `cfg.output/_staging`."""
+    # lazy: transforms.embed imports torch, which `cm3corpus build --help` and a bad flag's error do not need
     from transforms.embed import EmbedExamples
-    from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
-    from transforms.lib.clip import clip_embed_dim
-    from transforms.lib.embed import embedding_rows, file_view
-    from transforms.lib.retrieve import RetrievalRules
-    from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
-    from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts
-    from transforms.sequences import BuildSequences, FitTokenizers, SequenceConfig, TokenizeDocs, WriteShards
 
     staging = f"{cfg.output}/{STAGING}"
     dim = clip_embed_dim(cfg.clip_model)
@@ -143,7 +145,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
         | "OnePerExample" >> OneRejectPerExample()
     )
     rejects | "WriteRejects" >> WriteSortedParquet(
-        f"{staging}/rejects", artifacts.REJECTS, _reject_rows, _reject_sort_key, prefix="rejects"
+        f"{staging}/rejects", artifacts.REJECTS, reject_rows, reject_sort_key, prefix="rejects"
     )
 
 
@@ -153,145 +155,6 @@ def _for_stages(e: Example) -> Example:
 
 def _key(record) -> str:
     return record.key
-
-
-class FailOnSharedKeys(beam.PTransform):
-    """Fail the run when this run's examples and the --neighbour_input documents share a key.
-
-    Neighbour documents are joined to neighbours by key, so a shared key would put one corpus's
-    document where the other's was retrieved, silently. img2dataset keys are shard/row numbers and
-    repeat across corpora: `--key_prefix` (this run) and `--neighbour_key_prefix` keep them apart.
-    """
-
-    def expand(self, pcolls):
-        ours, theirs = pcolls
-        return (
-            (ours | "Ours" >> beam.Map(lambda e: (e.key, 0)), theirs | "Theirs" >> beam.Map(lambda e: (e.key, 1)))
-            | "Flatten" >> beam.Flatten()
-            | "ByKey" >> beam.GroupByKey()
-            | "Shared" >> beam.FlatMap(lambda kv: [kv[0]] if len(set(kv[1])) == 2 else [])
-            | "Collect" >> beam.combiners.Top.Smallest(3)
-            | "Fail" >> beam.Map(_fail_if_shared)
-        )
-
-
-def _fail_if_shared(shared: list[str]) -> None:
-    if shared:
-        raise ValueError(
-            f"keys such as {', '.join(shared)} are in both --input and --neighbour_input: documents are joined by"
-            " key, so the two corpora need distinct keys. Rebuild one with --key_prefix P (and pass"
-            " --neighbour_key_prefix P when its documents are --neighbour_input)."
-        )
-
-
-class OneRejectPerExample(beam.PTransform):
-    """Fold the `stage_error` rejects of one example (same key and source) into one.
-
-    Embedding and tokenizing both see every example, so one example can fail in both; counted twice
-    it would break read == written + rejected. Other reasons come from ingest, once per sample.
-    """
-
-    def expand(self, rejects):
-        other, stage = rejects | "ByReason" >> beam.Partition(lambda r, _: int(r.reason == "stage_error"), 2)
-        folded = (
-            stage
-            | "ByExample" >> beam.Map(lambda r: ((r.key, r.source), r))
-            | "Group" >> beam.GroupByKey()
-            | "Fold" >> beam.Map(_fold_rejects)
-        )
-        return (other, folded) | "Merge" >> beam.Flatten()
-
-
-def _fold_rejects(keyed: tuple[tuple[str, str], Iterable[Reject]]) -> Reject:
-    from apache_beam.metrics import Metrics
-
-    (key, source), rejects = keyed
-    rejects = list(rejects)
-    details = sorted({r.detail for r in rejects})
-    if len(rejects) > 1:  # each was counted where it was made
-        Metrics.counter("rejected", "stage_error").dec(len(rejects) - 1)
-    return Reject(key, source, "stage_error", "; ".join(details))
-
-
-class ReportSample(beam.PTransform):
-    """Stage a deterministic sample of queries with their neighbours (images included) as JSON.
-
-    The sample is the REPORT_QUERIES keys with the smallest stable hash among queries that got
-    neighbours; only those queries' documents ever meet on one worker.
-    """
-
-    def __init__(self, path: str, neighbours):
-        super().__init__()
-        self._path, self._neighbours = path, neighbours
-
-    def expand(self, examples):
-        chosen = (
-            self._neighbours
-            | "QueryKeys" >> beam.Map(lambda nb: nb.query_key)
-            | "Distinct" >> beam.Distinct()
-            | "Smallest" >> beam.combiners.Top.Of(REPORT_QUERIES, key=stable_hash, reverse=True)
-        )
-        picked = self._neighbours | "Picked" >> beam.Filter(
-            lambda nb, keys: nb.query_key in keys, beam.pvalue.AsSingleton(chosen)
-        )
-        wanted = (
-            picked
-            | "Wanted" >> beam.FlatMap(lambda nb: (nb.query_key, nb.doc_key))
-            | "WantedList" >> beam.combiners.ToList()
-            | "WantedSet" >> beam.Map(set)
-        )
-        docs = (
-            examples
-            | "Thumbnails" >> beam.Map(report_doc)  # waits for retrieval: thumbnails, not whole examples
-            | "Docs" >> beam.Filter(lambda d, keys: d[0] in keys, beam.pvalue.AsSingleton(wanted))
-            | "DocList" >> beam.combiners.ToList()
-        )
-        return docs | "Write" >> beam.Map(
-            _write_report_sample, self._path, beam.pvalue.AsList(picked), beam.pvalue.AsSingleton(chosen)
-        )
-
-
-def _write_report_sample(docs, path: str, neighbours, chosen) -> str:
-    import fsspec
-
-    from transforms.lib.report import report_doc_json
-
-    by_key = {d[0]: d for d in docs}
-
-    def doc(key: str) -> dict:
-        return report_doc_json(by_key.get(key), key)
-
-    queries = []
-    for key in sorted(chosen, key=stable_hash):
-        q = doc(key)
-        rows = sorted((nb for nb in neighbours if nb.query_key == key), key=lambda nb: nb.rank)
-        q["neighbours"] = [
-            {**doc(nb.doc_key), "score": nb.score, "via": nb.via, "rank": nb.rank, "modality": nb.doc_modality}
-            for nb in rows
-        ]
-        queries.append(q)
-    with fsspec.open(path, "w") as f:
-        json.dump(queries, f, sort_keys=True)
-    return path
-
-
-def _render_report(fs, root: str, stats: dict) -> None:
-    from transforms.lib.report import DATA_URI, write_report
-
-    sample = f"{root}/{STAGING}/{REPORT_SAMPLE}"
-    if not fs.exists(sample):
-        return
-    with fs.open(sample, "r") as f:
-        queries = json.load(f)
-    for q in queries:
-        for d in (q, *q["neighbours"]):
-            d["image"] = DATA_URI + d["image"] if d["image"] else None  # the sample holds report thumbnails
-    summary = {k: v for k, v in stats.items() if k != "counters"}
-    filters, filters_path = None, f"{root}/{STAGING}/{FILTER_REPORT}"
-    if fs.exists(filters_path):
-        with fs.open(filters_path, "r") as f:
-            filters = json.load(f)
-    write_report(f"{root}/report.html", queries, summary, filters=filters)
 
 
 MMAP_THRESHOLD = 2**20  # bytes; the sliding threshold starts at 128 KiB and climbs to 32 MiB
@@ -308,9 +171,6 @@ def fixed_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     benchmarks/results/2026-12-06-memory.md). Returns whether it was set: not where
     MALLOC_MMAP_THRESHOLD_ already sets it, nor off glibc.
     """
-    import ctypes
-    import os
-
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -343,8 +203,6 @@ def stats_from_counters(c: dict[str, int], seconds: float) -> dict:
 
 def finalize(output: str, stats: dict) -> None:
     """Move each staged artifact over the previous run's and write stats.json last."""
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
     staging = f"{root}/{STAGING}"
@@ -354,7 +212,7 @@ def finalize(output: str, stats: dict) -> None:
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
         fs.mv(f"{staging}/{name}", f"{root}/{name}", recursive=True)
-    _render_report(fs, root, stats)
+    render_staged_report(fs, f"{root}/{STAGING}", f"{root}/report.html", stats)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     with atomic_open(f"{output}/stats.json", "w") as f:
@@ -372,8 +230,6 @@ def summary_line(stats: dict) -> str:
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Parse flags, run the pipeline, finalize outputs; returns the stats dict."""
-    import fsspec
-
     if argv is not None and ({"-h", "--help"} & set(argv)):
         print_help()
         raise SystemExit(0)
@@ -381,9 +237,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
     units = resolve_inputs(cfg)  # a bad pattern, or an output overlapping an input: one line, before any work
-    from transforms import sequences
-
-    sequences.forget_loaded()  # an in-process runner reuses this module: last run's tokenizers are stale
+    forget_loaded()  # an in-process runner reuses transforms.sequences: last run's tokenizers are stale
     fixed_mmap_threshold()
     fs, root = fsspec.core.url_to_fs(cfg.output)
     if fs.exists(f"{root}/{STAGING}"):  # left by an interrupted run: start its staging afresh
@@ -416,8 +270,6 @@ def check_known_flags(argv: Sequence[str]) -> None:
     Beam alone only logs "Discarding unparseable args" and runs with the default, so a typo such as
     `--image_codebok_size 16` would build a corpus the user did not ask for.
     """
-    import argparse
-    import difflib
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message):
@@ -437,8 +289,6 @@ def check_known_flags(argv: Sequence[str]) -> None:
 
 def print_help() -> None:
     """The build's own flags; Beam's (`--runner`, `--direct_num_workers`, ...) pass through."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="cm3corpus build",
         description="Build a retrieval-augmented CM3 corpus (see README.md). Any Beam pipeline option "

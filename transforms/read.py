@@ -96,3 +96,32 @@ class ReadExamples(beam.PTransform):
         )
         rejects = (read[REJECTED], unique[REJECTED]) | "AllRejects" >> beam.Flatten()
         return unique.examples, rejects
+
+
+class FailOnSharedKeys(beam.PTransform):
+    """Fail the run when this run's examples and the --neighbour_input documents share a key.
+
+    Neighbour documents are joined to neighbours by key, so a shared key would put one corpus's
+    document where the other's was retrieved, silently. img2dataset keys are shard/row numbers and
+    repeat across corpora: `--key_prefix` (this run) and `--neighbour_key_prefix` keep them apart.
+    """
+
+    def expand(self, pcolls):
+        ours, theirs = pcolls
+        return (
+            (ours | "Ours" >> beam.Map(lambda e: (e.key, 0)), theirs | "Theirs" >> beam.Map(lambda e: (e.key, 1)))
+            | "Flatten" >> beam.Flatten()
+            | "ByKey" >> beam.GroupByKey()
+            | "Shared" >> beam.FlatMap(lambda kv: [kv[0]] if len(set(kv[1])) == 2 else [])
+            | "Collect" >> beam.combiners.Top.Smallest(3)
+            | "Fail" >> beam.Map(_fail_if_shared)
+        )
+
+
+def _fail_if_shared(shared: list[str]) -> None:
+    if shared:
+        raise ValueError(
+            f"keys such as {', '.join(shared)} are in both --input and --neighbour_input: documents are joined by"
+            " key, so the two corpora need distinct keys. Rebuild one with --key_prefix P (and pass"
+            " --neighbour_key_prefix P when its documents are --neighbour_input)."
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from transforms.lib.io import atomic_open
 
 THUMB_SIDE = 128  # px, longest side of an embedded thumbnail
 DATA_URI = "data:image/jpeg;base64,"
+REPORT_SAMPLE = "report_sample.json"  # staged by the pipeline, rendered with the run's counts by finalize
+FILTER_REPORT = "filter_report.json"  # staged by FilterCorpus: CLIP-score histogram and duplicate groups
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -191,6 +194,24 @@ def write_report(
 
 # ----------------------------------------------------------------------------------------------------
 # The corpus filters' section: where the CLIP scores lie, and what the dedup threshold catches.
+
+
+def render_staged_report(fs, staging: str, path: str, stats: dict) -> None:
+    """Render the sample `ReportSample` staged (and the filters' report, when staged) with the run's counts."""
+    sample = f"{staging}/{REPORT_SAMPLE}"
+    if not fs.exists(sample):
+        return
+    with fs.open(sample, "r") as f:
+        queries = json.load(f)
+    for q in queries:
+        for d in (q, *q["neighbours"]):
+            d["image"] = DATA_URI + d["image"] if d["image"] else None  # the sample holds report thumbnails
+    summary = {k: v for k, v in stats.items() if k != "counters"}
+    filters, filters_path = None, f"{staging}/{FILTER_REPORT}"
+    if fs.exists(filters_path):
+        with fs.open(filters_path, "r") as f:
+            filters = json.load(f)
+    write_report(path, queries, summary, filters=filters)
 
 
 def histogram_svg(
