@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -28,8 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown command {argv[0]!r}")
         parser.print_help()
         return 0 if argv else 2
-    import importlib
-
+    # lazy: only the chosen command's module, so `cm3corpus --help` starts without Beam, torch or faiss
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 
