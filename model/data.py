@@ -36,11 +36,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from schemas.records import QUERY
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
 from transforms.lib.io import expand_patterns
-
-QUERY = -1  # a segment's doc_index for the query (transforms.lib.layout.QUERY)
-
 
 # ---------------------------------------------------------------------------------------------
 # Shard lists and the vocabulary.

@@ -219,3 +219,29 @@ class TokenizedDoc:
 
     def __reduce__(self):
         return packed(self)
+
+
+QUERY = -1  # a segment's doc_index (ShardSample.json `segments`) when it is the query's own
+
+
+@dataclass(slots=True)
+class ShardSample:
+    """One training sequence as stored in a shard."""
+
+    key: str  # WebDataset key: no dots, no slashes
+    tokens: Any  # (T,) int32 token ids
+    json: dict  # per-sample metadata (query key, neighbour keys, spans, ...), JSON-serialisable
+
+    def __reduce__(self):
+        return packed(self)
+
+
+@dataclass(slots=True)
+class ManifestRow:
+    """One shard's line of the manifest (`schemas.artifacts.SHARD_MANIFEST`)."""
+
+    shard: str  # file name under shards/
+    samples: int
+    tokens: int
+    bytes: int
+    sha256: str

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from apache_beam.coders import typecoders
 
-from schemas.records import EmbeddedExample, Example, Neighbour, RetrievalCounts, TokenizedDoc
-from transforms.lib.shards import ShardSample
+from schemas.records import EmbeddedExample, Example, Neighbour, RetrievalCounts, ShardSample, TokenizedDoc
 
 CODER = typecoders.registry.get_coder(object)  # what Beam uses for a PCollection of unknown type
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.artifacts import SHARD_MANIFEST
+from schemas.records import ShardSample
 from transforms.lib.shards import (
-    ShardSample,
     num_shards_for,
     sample_nbytes,
     shard_assignment,

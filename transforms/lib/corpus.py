@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from schemas.records import IMAGE_TEXT, EmbeddedExample, Example, RawSample, Reject
+from schemas.records import IMAGE_TEXT, QUERY, EmbeddedExample, Example, RawSample, Reject, TokenizedDoc
 from transforms.lib.clip import DEMO, resolve_clip
 from transforms.lib.embed import ClipEmbedder, embedded_example
-from transforms.lib.layout import QUERY, unmask
+from transforms.lib.layout import unmask
 from transforms.lib.memory_bank import INFO_FILE, load_bank
 from transforms.lib.retrieve import SEARCH_MARGIN, RetrievalRules, rescore, retrieve_batch
 from transforms.lib.tokenize import decode_image, encode_caption, load_tokenizers
@@ -65,16 +65,6 @@ class Hit:
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Doc:
-    """A document's tokens as the build laid them out (global ids); a missing part is None."""
-
-    key: str
-    modality: str
-    text_ids: list[int] | None
-    image_ids: list[int] | None
 
 
 class Corpus:
@@ -108,7 +98,7 @@ class Corpus:
         self._embedder = None
         self._captions: dict[str, str | None] | None = None
         self._tokenizers: tuple | None = None
-        self._docs: dict[str, Doc] = {}
+        self._docs: dict[str, TokenizedDoc] = {}
 
     # -- embedding -------------------------------------------------------------------------------
 
@@ -202,7 +192,7 @@ class Corpus:
             self._tokenizers = load_tokenizers(f"{self.root}/tokenizers")
         return self._tokenizers
 
-    def documents(self, keys: Iterable[str]) -> dict[str, Doc]:
+    def documents(self, keys: Iterable[str]) -> dict[str, TokenizedDoc]:
         """The tokens of these documents, as laid out in their own sequences in shards/.
 
         Each document is the query (last document) of its own training sequence; the sequence is
@@ -235,12 +225,12 @@ class Corpus:
                 if meta.get("query_image_cut"):
                     image = None
                 modality = meta.get("query_modality", IMAGE_TEXT)
-                self._docs[key] = Doc(key, modality, text, image)
+                self._docs[key] = TokenizedDoc(key, modality, text, image)
                 wanted.discard(key)
             if not wanted:
                 return
 
-    def thumbnail(self, doc: Doc, side: int = THUMB_SIDE):
+    def thumbnail(self, doc: TokenizedDoc, side: int = THUMB_SIDE):
         """The document's image decoded from its tokens (a PIL image), or None when it has none."""
         if not doc.image_ids:
             return None

@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from schemas.records import QUERY
 from schemas.vocab import BREAK, EOD, Vocab
 from transforms.lib.rng import rng_for
 
 TEXT, IMAGE = "text", "image"
-QUERY = -1  # doc_index of the query's segments
 TOKENS_PER_SPAN = 3  # a span costs its in-place sentinel plus `<sentinel:i> ... <eoss>` at the end
 
 

@@ -25,12 +25,11 @@ import math
 import tarfile
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
 
 import numpy as np
 
-from schemas.records import packed
+from schemas.records import ManifestRow, ShardSample
 from transforms.lib.io import write_bytes
 from transforms.lib.rng import stable_hash
 
@@ -40,29 +39,6 @@ MANIFEST_JSON = "manifest.json"
 _TAR_FORMAT = tarfile.PAX_FORMAT  # like USTAR for short ASCII names; long or non-ASCII keys still fit
 _TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive ...
 _TAR_RECORD = tarfile.RECORDSIZE  # ... which is then padded to a whole record
-
-
-@dataclass(slots=True)
-class ShardSample:
-    """One training sequence as stored in a shard."""
-
-    key: str  # WebDataset key: no dots, no slashes
-    tokens: Any  # (T,) int32 token ids
-    json: dict  # per-sample metadata (query key, neighbour keys, spans, ...), JSON-serialisable
-
-    def __reduce__(self):  # compact across fusion breaks, as schemas/records.py explains
-        return packed(self)
-
-
-@dataclass(slots=True)
-class ManifestRow:
-    """One shard's line of the manifest (`schemas.artifacts.SHARD_MANIFEST`)."""
-
-    shard: str  # file name under shards/
-    samples: int
-    tokens: int
-    bytes: int
-    sha256: str
 
 
 def _check_key(key: str) -> None:
@@ -247,8 +223,6 @@ def write_manifest(directory: str, rows: Iterable[ManifestRow]) -> None:
 __all__ = [
     "MANIFEST_JSON",
     "MANIFEST_PARQUET",
-    "ManifestRow",
-    "ShardSample",
     "encode_sample",
     "num_shards_for",
     "sample_nbytes",
