@@ -91,7 +91,7 @@ def tokenizers_dir(directory: str, release: Path, device: str, dtype: str):
     """Write a corpus's `tokenizers/` with the VQ-GAN, and load it as a worker does (once)."""
     from transforms.lib.tokenize import build_vocab, fit_text_tokenizer, write_tokenizers
     from transforms.lib.vqgan import load_vqgan
-    from transforms.sequences import load_once
+    from transforms.tokenize import load_once
 
     text_tok = fit_text_tokenizer([f"a field of colour number {i}" for i in range(64)], 300)
     image_tok = load_vqgan(str(release))
@@ -119,7 +119,7 @@ def bare_loop(tok, examples, batch_size: int) -> np.ndarray:
 
 
 def stage_loop(directory: str, examples, batch_size: int, device: str, dtype: str) -> list:
-    from transforms.sequences import _TokenizeBatch
+    from transforms.tokenize import _TokenizeBatch
 
     fn = _TokenizeBatch("rejected", device, dtype)
     out = []

@@ -33,6 +33,7 @@ from transforms.lib.read import expand_inputs
 from transforms.lib.report import FILTER_REPORT, REPORT_SAMPLE, render_staged_report
 from transforms.lib.retrieve import RetrievalRules
 from transforms.lib.rng import is_held_out
+from transforms.lib.sequences import SequenceConfig
 from transforms.memory_bank import BuildMemoryBank, ExtendMemoryBank
 from transforms.parquet_io import WriteSortedParquet
 from transforms.progress import counters
@@ -40,14 +41,9 @@ from transforms.read import FailOnSharedKeys, ReadExamples
 from transforms.rejects import OneRejectPerExample, reject_rows, reject_sort_key
 from transforms.report import ReportSample
 from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts
-from transforms.sequences import (
-    BuildSequences,
-    FitTokenizers,
-    SequenceConfig,
-    TokenizeDocs,
-    WriteShards,
-    forget_loaded,
-)
+from transforms.sequences import BuildSequences
+from transforms.shards import WriteShards
+from transforms.tokenize import FitTokenizers, TokenizeDocs, forget_loaded
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -237,7 +233,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
     units = resolve_inputs(cfg)  # a bad pattern, or an output overlapping an input: one line, before any work
-    forget_loaded()  # an in-process runner reuses transforms.sequences: last run's tokenizers are stale
+    forget_loaded()  # an in-process runner reuses transforms.tokenize: last run's tokenizers are stale
     fixed_mmap_threshold()
     fs, root = fsspec.core.url_to_fs(cfg.output)
     if fs.exists(f"{root}/{STAGING}"):  # left by an interrupted run: start its staging afresh

@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from transforms.lib.config import add_flags, flag
 from transforms.lib.layout import TOKENS_PER_SPAN
 from transforms.lib.read import expand_inputs
-from transforms.sequences import NUM_SENTINELS
+from transforms.lib.sequences import NUM_SENTINELS
 
 
 class CorpusOptions(PipelineOptions):

@@ -319,7 +319,7 @@ def test_vocab_flags_reach_the_config():
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.options import BuildConfig
-    from transforms.sequences import SequenceConfig
+    from transforms.lib.sequences import SequenceConfig
 
     flags = ["--vocab=chameleon:/m", "--image_tokenizer=vqgan:/m", "--tokenize_batch_size=4"]
     cfg = BuildConfig.from_options(PipelineOptions(["--input", "x.tar", "--output", "o", *flags, "--device=cuda"]))

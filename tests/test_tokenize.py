@@ -183,7 +183,7 @@ def test_psnr():
 def test_fit_decodes_images_one_at_a_time_with_the_same_codebook():
     import io
 
-    from transforms.sequences import DecodedImages
+    from transforms.lib.sequences import DecodedImages
 
     images = shapes(6, seed=3)
     encoded = []
@@ -202,7 +202,8 @@ def test_loading_both_tokenizers_gathers_no_fit_sample(tmp_path, text_tok, image
     import apache_beam as beam
 
     from schemas.records import Example
-    from transforms.sequences import FitTokenizers, SequenceConfig
+    from transforms.lib.sequences import SequenceConfig
+    from transforms.tokenize import FitTokenizers
 
     source = tmp_path / "given"
     write_tokenizers(str(source), text_tok, image_tok, build_vocab(text_tok, image_tok, 8))

@@ -57,7 +57,7 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
 
     from model.sample import generate_caption, generate_image
     from model.train import TrainConfig, load_model, train
-    from transforms.sequences import load_once
+    from transforms.tokenize import load_once
 
     cfg = TrainConfig(
         shards=f"{corpus}/shards/cm3-*.tar",
