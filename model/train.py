@@ -71,12 +71,20 @@ class TrainConfig:
     seed: int = flag(0, "model init and shard order")
 
 
+def cosine_lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `lr` over `warmup` steps, then cosine decay to `lr * min_ratio` at `steps`.
+
+    The one schedule of the project: the trainer's (`lr_at`) and the demo CLIP's fitting.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """`cosine_lr` with the trainer's settings: warmup_steps, then decay to lr * min_lr_ratio at max_steps."""
+    return cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def make_optimizer(model: CM3Decoder, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.train import cosine_lr
 from pipelines.demo import fit_clip
 from transforms.lib.demo_clip import CHECKPOINT_PATH, MODEL_NAME, load_demo_clip, model_config, register_demo_clip
 
@@ -45,7 +46,7 @@ def test_fit_is_deterministic_given_the_seed(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    lrs = [fit_clip._lr_at(s, 100, 1e-3, 10) for s in range(100)]
+    lrs = [cosine_lr(s, 100, 1e-3, 10) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3) and lrs[-1] < 2e-4
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import queue
 import tarfile
@@ -30,14 +29,6 @@ from transforms.lib.embed import ClipEmbedder
 
 HELD_OUT_SEED = 123  # the evaluation corpus's seed; training draws from `seed`, so the two never overlap
 HELD_OUT_EXAMPLES = 1000
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of `lr`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _batches(seed: int, batch_size: int, image_size: int, preprocess, tokenizer, steps: int, depth: int = 3):
@@ -85,6 +76,8 @@ def fit_demo_clip(
     import torch  # lazy: as in _batches
     import torch.nn.functional as F
 
+    from model.train import cosine_lr  # lazy: model.train imports torch
+
     torch.manual_seed(seed)
     model, _, preprocess, tokenizer = create_demo_clip()
     model.train()
@@ -96,7 +89,7 @@ def fit_demo_clip(
     labels = torch.arange(batch_size)
     for step, (pixels, tokens) in enumerate(_batches(seed, batch_size, image_size, preprocess, tokenizer, steps)):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
+            group["lr"] = cosine_lr(step, steps, lr, warmup)  # decays to a tenth of `lr`
         img = F.normalize(model.encode_image(pixels), dim=-1)  # (B, D)
         txt = F.normalize(fast_encode_text(model, tokens), dim=-1)  # (B, D); the trick is exact, so train with it
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
