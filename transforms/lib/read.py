@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.records import RawSample, Reject
-from transforms.lib.io import expand_patterns
+from transforms.lib.io import BoundedTarInfo, check_tar_tail, expand_patterns, tar_members, unsafe_member
 from transforms.lib.validate import IMAGE_PARTS, Budgets, describe_error, printable, safe_key
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -123,44 +123,7 @@ def _budgets(cfg) -> Budgets:
     return Budgets(cfg.max_image_pixels, cfg.max_image_bytes, cfg.min_image_side, cfg.max_caption_chars, hash_pixels)
 
 
-# Extended tar headers (GNU long names, PAX records) are read whole by tarfile before any member is
-# seen: a gzipped shard can declare gigabytes there. Real ones are a path or a few records.
-MAX_LONG_NAME = 64 * 2**10  # bytes of a GNU long name or long link (PATH_MAX is 4 KiB)
-MAX_PAX_HEADER = 2**20  # bytes of one PAX header, and of all global PAX records of a shard together
-MAX_HEADER_CHAIN = 8  # extended headers in front of one member (GNU and PAX together are 2 or 3)
 MAX_MEMBERS_PER_SAMPLE = 64  # img2dataset writes 3
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile's header parsing with the extended headers' sizes checked before they are read."""
-
-    def _proc_gnulong(self, tf):
-        _check_extended(self, MAX_LONG_NAME, "GNU long-name")
-        return _chained(tf, lambda: super(_BoundedTarInfo, self)._proc_gnulong(tf))
-
-    def _proc_pax(self, tf):
-        _check_extended(self, MAX_PAX_HEADER, "PAX")
-        member = _chained(tf, lambda: super(_BoundedTarInfo, self)._proc_pax(tf))
-        if sum(len(k) + len(v) for k, v in tf.pax_headers.items()) > MAX_PAX_HEADER:
-            raise tarfile.ReadError(f"global PAX records over {MAX_PAX_HEADER} bytes")
-        return member
-
-
-def _check_extended(info: tarfile.TarInfo, limit: int, kind: str) -> None:
-    if info.size < 0 or info.size > limit:
-        raise tarfile.ReadError(f"{kind} header at offset {info.offset} declares {info.size} bytes (limit {limit})")
-
-
-def _chained(tf, parse):
-    """Run `parse` (which reads the next header) one extended header deeper; too deep ends the shard."""
-    depth = getattr(tf, "_cm3_header_depth", 0)
-    if depth >= MAX_HEADER_CHAIN:
-        raise tarfile.ReadError(f"more than {MAX_HEADER_CHAIN} extended headers in a row")
-    tf._cm3_header_depth = depth + 1
-    try:
-        return parse()
-    finally:
-        tf._cm3_header_depth = depth
 
 
 def used_parts(caption_ext: str) -> frozenset[str]:
@@ -187,8 +150,8 @@ def read_tar(url: str, budgets: Budgets, caption_ext: str = "txt") -> Iterator[R
     position = 0
     shown = printable(url)
     try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*", tarinfo=_BoundedTarInfo) as tf:
-            for member in _members(tf):
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*", tarinfo=BoundedTarInfo) as tf:
+            for member in tar_members(tf):
                 if member.isdir():  # folder entries are not samples
                     continue
                 match = _MEMBER.match(member.name)
@@ -226,7 +189,7 @@ def read_tar(url: str, budgets: Budgets, caption_ext: str = "txt") -> Iterator[R
                         total += len(data)
                 else:
                     total += member.size
-            _check_tail(tf)
+            check_tar_tail(tf)
     except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
         where = f"{current.key} incomplete: " if current is not None else ""
         yield Reject(current.key if current else "", shown, "shard_unreadable", f"{where}{describe_error(e)}")
@@ -261,45 +224,9 @@ def _read_capped(read, limit: int, caption: bool, scan_limit: int = 0) -> bytes 
     return b"" if scanned <= scan_limit else None
 
 
-def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """The archive's members, refusing any header that does not move the read position forward.
-
-    A negative size (base-256 encoded) sends tarfile back to an earlier header, which it would re-read
-    forever: phantom samples and growing memory. Such a shard ends as `shard_unreadable`.
-    """
-    last = -1
-    while (member := tf.next()) is not None:
-        if member.size < 0 or member.offset <= last:
-            raise tarfile.ReadError(
-                f"header at offset {member.offset} does not move the read position forward (size {member.size})"
-            )
-        last = member.offset
-        yield member
-
-
-def _check_tail(tf: tarfile.TarFile) -> None:
-    """tarfile stops quietly at a bad header after the first; make that damage loud.
-
-    A whole archive ends in at least two zero blocks; anything else after the last member means
-    it was cut short or corrupted.
-    """
-    fileobj = tf.fileobj
-    fileobj.seek(tf.offset)
-    tail = fileobj.read(1024)
-    if len(tail) < 1024 or tail.count(0) != len(tail):
-        raise tarfile.ReadError(f"no end-of-archive marker at offset {tf.offset} (cut short or corrupted)")
-
-
 def _unsafe_member(member: tarfile.TarInfo, match) -> str:
-    if not member.isfile():
-        return "not a regular file (link or device)"
-    if member.issparse():
-        return "a sparse file"
-    name = member.name
-    if name.startswith("/") or name.startswith("\\") or ".." in name.split("/"):
-        return "absolute or parent-relative name"
-    if any(ord(c) < 32 for c in name) or "\\" in name:
-        return "control character or backslash in name"
+    if unsafe := unsafe_member(member):
+        return unsafe
     if match is None:
         return "no key.extension form"
     return ""

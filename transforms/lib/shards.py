@@ -23,20 +23,20 @@ import io
 import json
 import math
 import tarfile
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
 
+from schemas.artifacts import SCHEMA_VERSION, SHARD_MANIFEST
 from schemas.records import ManifestRow, ShardSample
-from transforms.lib.io import write_bytes
+from transforms.lib.io import TAR_FORMAT, atomic_open, tar_member, write_bytes, write_table, write_tar
 from transforms.lib.rng import stable_hash
 
 SHARD_PREFIX = "cm3"
 MANIFEST_PARQUET = "manifest.parquet"
 MANIFEST_JSON = "manifest.json"
-_TAR_FORMAT = tarfile.PAX_FORMAT  # like USTAR for short ASCII names; long or non-ASCII keys still fit
 _TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks close an archive ...
 _TAR_RECORD = tarfile.RECORDSIZE  # ... which is then padded to a whole record
 
@@ -57,19 +57,11 @@ def encode_sample(sample: ShardSample) -> dict[str, bytes]:
     return {"json": meta.encode("utf-8"), "tokens.npy": npy.getvalue()}
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 def sample_nbytes(sample: ShardSample) -> int:
     """Exact bytes the sample takes inside a shard (headers and padding included)."""
     total = 0
     for ext, data in encode_sample(sample).items():
-        header = _tarinfo(f"{sample.key}.{ext}", len(data)).tobuf(_TAR_FORMAT, "utf-8", "surrogateescape")
+        header = tar_member(f"{sample.key}.{ext}", len(data)).tobuf(TAR_FORMAT, "utf-8", "surrogateescape")
         total += len(header) + math.ceil(len(data) / tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     return total
 
@@ -155,31 +147,16 @@ def write_shard(path: str, samples: Sequence[ShardSample]) -> ManifestRow:
             the same folder and renamed, so a reader never sees a partial shard.
         samples: the shard's samples; sorted by key here, keys must be unique.
     """
-    import fsspec
-    from webdataset import TarWriter
-
     ordered = sorted(samples, key=lambda s: s.key)
     for a, b in zip(ordered, ordered[1:], strict=False):
         if a.key == b.key:
             raise ValueError(f"duplicate key {a.key!r} in shard {path}")
-    fs, target = fsspec.core.url_to_fs(path)
-    if "/" in target:
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # unique, so a retried or speculative task never shares it
-    tokens = 0
-    try:
-        with fs.open(tmp, "wb") as f:
-            out = _HashingWriter(f)
-            with TarWriter(out, user="", group="", mode=0o444, encoder=False, mtime=0, format="PAX_FORMAT") as tw:
-                for s in ordered:
-                    tw.write({"__key__": s.key, **encode_sample(s)})
-                    tokens += int(np.asarray(s.tokens).size)
-        fs.mv(tmp, target)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
-    name = target.rsplit("/", 1)[-1]
+    tokens = sum(int(np.asarray(s.tokens).size) for s in ordered)
+    members = ((f"{s.key}.{ext}", data) for s in ordered for ext, data in sorted(encode_sample(s).items()))
+    with atomic_open(path) as f:
+        out = _HashingWriter(f)
+        write_tar(out, members)
+    name = path.rsplit("/", 1)[-1]
     return ManifestRow(name, len(ordered), tokens, out.nbytes, out.sha.hexdigest())
 
 
@@ -204,11 +181,6 @@ def write_manifest(directory: str, rows: Iterable[ManifestRow]) -> None:
 
     Rows are sorted by shard name, so the files do not depend on the order the shards finished.
     """
-    import pyarrow as pa
-
-    from schemas.artifacts import SCHEMA_VERSION, SHARD_MANIFEST
-    from transforms.lib.io import write_table
-
     ordered = sorted(rows, key=lambda r: r.shard)
     dicts = [asdict(r) for r in ordered]
     write_table(f"{directory}/{MANIFEST_PARQUET}", pa.Table.from_pylist(dicts, schema=SHARD_MANIFEST))
