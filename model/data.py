@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.records import QUERY
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
-from transforms.lib.io import expand_patterns
+from transforms.lib.io import atomic_open, expand_patterns, write_tar
 
 # ---------------------------------------------------------------------------------------------
 # Shard lists and the vocabulary.
@@ -333,12 +332,6 @@ def shard_loader(
 SYNTHETIC_VOCAB = Vocab(num_sentinels=2, text_size=40, image_codes=32, tokens_per_image=8)
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def synthetic_sample(rng: np.random.Generator, vocab: Vocab, span: bool) -> tuple[np.ndarray, dict]:
     """One CM3 sequence `<eod> Tn <break> In <break> Tq <break> Iq <eod>` with a learnable structure.
 
@@ -392,14 +385,18 @@ def write_synthetic_corpus(
     paths = []
     for s in range(num_shards):
         path = os.path.join(out_dir, "shards", f"cm3-{s:06d}.tar")
-        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-            for i in range(samples_per_shard):
-                tokens, meta = synthetic_sample(rng, vocab, span=i % 2 == 1)
-                npy = io.BytesIO()
-                np.save(npy, tokens, allow_pickle=False)
-                key = f"s{s:04d}i{i:06d}"
-                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                _tar_add(tar, f"{key}.tokens.npy", npy.getvalue())
+        members = []
+        for i in range(samples_per_shard):
+            tokens, meta = synthetic_sample(rng, vocab, span=i % 2 == 1)
+            npy = io.BytesIO()
+            np.save(npy, tokens, allow_pickle=False)
+            key = f"s{s:04d}i{i:06d}"
+            members += [
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
+                (f"{key}.tokens.npy", npy.getvalue()),
+            ]
+        with atomic_open(path) as f:
+            write_tar(f, members, mode=0o644)
         paths.append(path)
     return paths
 

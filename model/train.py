@@ -34,6 +34,7 @@ from model.data import expand_shards, find_vocab, shard_loader, split_eval
 from model.decoder import CM3Config, CM3Decoder
 from schemas.vocab import PAD
 from transforms.lib.config import add_flags, flag
+from transforms.lib.io import atomic_open, atomic_path
 
 CKPT = "ckpt.pt"
 METRICS = "metrics.jsonl"
@@ -140,9 +141,8 @@ def _trim_metrics(path: str, step: int) -> None:
     if step and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         f.writelines(lines)
-    os.replace(f"{path}.tmp", path)
 
 
 def save_checkpoint(path: str, model: CM3Decoder, optimizer, cfg: TrainConfig, step: int) -> None:
@@ -156,9 +156,8 @@ def save_checkpoint(path: str, model: CM3Decoder, optimizer, cfg: TrainConfig, s
         "data": {"batches": step},  # one batch per step; the stream is a function of this count
         "rng": _rng_state(),
     }
-    tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # `{path}.tmp-{hex}`: torch names the zip's folder after `path`, as before
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:

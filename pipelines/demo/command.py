@@ -13,12 +13,12 @@ import glob
 import io
 import json
 import sys
-import tarfile
 from collections.abc import Sequence
 
 from PIL import Image
 
 from pipelines.demo.data import write_demo_corpus
+from transforms.lib.io import read_tar
 from transforms.lib.report import append_section, training_section
 from transforms.lib.tokenize import decode_text, encode_caption, encode_image
 
@@ -119,11 +119,10 @@ def _demo_pairs(corpus: str):
     """(image bytes, caption) of a few documents, from the report's own sample: the embeddings hold captions."""
     data = corpus.rsplit("/", 1)[0] + "/data"
     for path in sorted(glob.glob(f"{data}/*.tar"))[-1:]:
-        with tarfile.open(path) as tf:
-            parts: dict[str, dict[str, bytes]] = {}
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                parts.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        parts: dict[str, dict[str, bytes]] = {}
+        for name, member in read_tar(path):
+            key, ext = name.split(".", 1)
+            parts.setdefault(key, {})[ext] = member
         for key in sorted(parts)[::-1]:
             if "jpg" in parts[key] and "txt" in parts[key]:
                 yield parts[key]["jpg"], parts[key]["txt"].decode()

@@ -15,7 +15,6 @@ and tar members carry a fixed mtime and owner.
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import hashlib
 import io
@@ -24,8 +23,6 @@ import math
 import os
 import re
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from transforms.lib.io import atomic_open, read_tar, write_bytes, write_tar
 from transforms.lib.rng import rng_for
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
@@ -85,7 +83,6 @@ IMG2DATASET_PARQUET_SCHEMA = pa.schema(
 TEXT_ONLY_SHARE = 0.03
 IMAGE_ONLY_SHARE = 0.03
 NEAR_DUPLICATE_SHARE = 0.05
-_TAR_MTIME = 0  # fixed so the same seed gives byte-identical tars
 _SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 
 
@@ -321,36 +318,14 @@ def _key(shard: int, index: int, shard_size: int) -> str:
     return f"{shard:05d}{index:0{sample_digits}d}"
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`, so a crash never leaves a partial file."""
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def _write_tar(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    def write(tmp: str) -> None:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for key, parts in samples:
-                for ext in sorted(parts):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(parts[ext]), _TAR_MTIME, 0o444
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(parts[ext]))
+    with atomic_open(path) as f:
+        write_tar(f, ((f"{key}.{ext}", parts[ext]) for key, parts in samples for ext in sorted(parts)))
 
-    _atomic_write(path, write)
+
+def _write_parquet(path: str, table: pa.Table) -> None:
+    with atomic_open(path) as f:
+        pq.write_table(table, f)
 
 
 def _remove_stale_shards(output: str, num_shards: int) -> None:
@@ -455,7 +430,7 @@ def write_demo_corpus(
         base = os.path.join(output, f"{shard:05d}")
         _write_tar(base + ".tar", samples)
         table = pa.Table.from_pylist(rows, schema=IMG2DATASET_PARQUET_SCHEMA)
-        _atomic_write(base + ".parquet", functools.partial(pq.write_table, table))
+        _write_parquet(base + ".parquet", table)
         end = time.time()
         stats = {
             "count": len(rows),
@@ -467,17 +442,16 @@ def write_demo_corpus(
             "end_time": end,
             "status_dict": {"success": len(rows)},
         }
-        _atomic_write(base + "_stats.json", functools.partial(_write_text, text=json.dumps(stats, indent=4)))
+        write_bytes(base + "_stats.json", json.dumps(stats, indent=4).encode("utf-8"))
     _remove_stale_shards(output, num_shards)
     return {"examples": num_examples, **counts, "shards": num_shards}
 
 
 def _read_tar(path: str) -> list[tuple[str, dict[str, bytes]]]:
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for name, data in read_tar(path):
+        key, ext = name.split(".", 1)
+        samples.setdefault(key, {})[ext] = data
     return list(samples.items())
 
 
@@ -486,10 +460,8 @@ def sample_meta(data) -> dict:
     (`near_duplicate_of`, and after `add_filter_cases` `caption_swapped_with`, `exact_duplicate_of`)."""
     meta = {}
     for path in sorted(glob.glob(f"{data}/*.tar")):
-        with tarfile.open(path) as tf:  # the demo's own output
-            for m in tf.getmembers():
-                if m.name.endswith(".json"):
-                    meta[m.name[: -len(".json")]] = json.loads(tf.extractfile(m).read())
+        for name, member in read_tar(path, keep=lambda name: name.endswith(".json")):
+            meta[name[: -len(".json")]] = json.loads(member)
     return meta
 
 
@@ -558,7 +530,7 @@ def add_filter_cases(output: str, seed: int = 0, swapped_share: float = 0.05, ex
             if row["key"] in meta:
                 row["caption"], row["sha256"] = meta[row["key"]]["caption"], meta[row["key"]]["sha256"]
         rows = pa.Table.from_pylist(table, schema=IMG2DATASET_PARQUET_SCHEMA)
-        _atomic_write(path[: -len(".tar")] + ".parquet", functools.partial(pq.write_table, rows))
+        _write_parquet(path[: -len(".tar")] + ".parquet", rows)
     return {"swapped": swapped, "exact": exact}
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
-import tarfile
 import tempfile
 import threading
 import time
@@ -26,6 +24,7 @@ from pipelines.demo.data import sample_pairs, write_demo_corpus
 from transforms.lib.clip_lean import fast_encode_text
 from transforms.lib.demo_clip import CHECKPOINT_PATH, create_demo_clip, load_demo_clip, model_config
 from transforms.lib.embed import ClipEmbedder
+from transforms.lib.io import atomic_path, read_tar
 
 HELD_OUT_SEED = 123  # the evaluation corpus's seed; training draws from `seed`, so the two never overlap
 HELD_OUT_EXAMPLES = 1000
@@ -118,28 +117,17 @@ def save_checkpoint(model, path: str | Path, extra: dict) -> None:
     import torch  # lazy: as in _batches
 
     state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(str(path)) as tmp:
         torch.save({"state_dict": state, **extra}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the checkpoint ships with the package
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _read_pairs(corpus_dir: str | Path) -> tuple[list[bytes], list[str], list[tuple[str, str]]]:
     """(jpg bytes, caption, (shape, colour) of the first object) of every image+text sample in the tars."""
     parts: dict[str, dict[str, bytes]] = {}
     for shard in sorted(Path(corpus_dir).glob("*.tar")):
-        with tarfile.open(shard) as tar:  # our own demo corpus, read only as bytes
-            for member in tar.getmembers():
-                if member.isfile():
-                    key, _, ext = member.name.rpartition(".")
-                    parts.setdefault(f"{shard.name}/{key}", {})[ext] = tar.extractfile(member).read()
+        for name, data in read_tar(str(shard)):
+            key, _, ext = name.rpartition(".")
+            parts.setdefault(f"{shard.name}/{key}", {})[ext] = data
     images, captions, firsts = [], [], []
     for p in (parts[k] for k in sorted(parts)):
         caption = p.get("txt", b"").decode().strip()

@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import pyarrow.parquet as pq
 from schemas.records import IMAGE_TEXT, QUERY, EmbeddedExample, Example, RawSample, Reject, TokenizedDoc
 from transforms.lib.clip import DEMO, resolve_clip
 from transforms.lib.embed import ClipEmbedder, embedded_example
+from transforms.lib.io import read_tar
 from transforms.lib.layout import unmask
 from transforms.lib.memory_bank import INFO_FILE, load_bank
 from transforms.lib.retrieve import SEARCH_MARGIN, RetrievalRules, rescore, retrieve_batch
@@ -253,17 +253,15 @@ def _tar_samples(path: Path, wanted: set[str]) -> Iterable[tuple[str, dict[str, 
     Member names are split into key and extension only; they never become paths.
     """
     current, parts = None, {}
-    with tarfile.open(path, "r|") as tf:
-        for m in tf:
-            if not m.isfile() or "." not in m.name:
-                continue
-            key, ext = m.name.split(".", 1)
-            if key != current:
-                if current in wanted and {"json", "tokens.npy"} <= parts.keys():
-                    yield current, parts
-                current, parts = key, {}
-            if key in wanted:
-                parts[ext] = tf.extractfile(m).read()
+    for name, data in read_tar(str(path), keep=lambda name: name.split(".", 1)[0] in wanted):
+        if "." not in name:
+            continue
+        key, ext = name.split(".", 1)
+        if key != current:
+            if current in wanted and {"json", "tokens.npy"} <= parts.keys():
+                yield current, parts
+            current, parts = key, {}
+        parts[ext] = data
     if current in wanted and {"json", "tokens.npy"} <= parts.keys():
         yield current, parts
 

@@ -20,7 +20,7 @@ import contextlib
 import io
 import tarfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import braceexpand
 import fsspec
@@ -189,14 +189,16 @@ def unsafe_member(member: tarfile.TarInfo) -> str:
     return ""
 
 
-def read_tar(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+def read_tar(
+    path: str, max_member_bytes: int = MAX_MEMBER_BYTES, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular-file member of the tar at `path` (any fsspec URL), in archive order.
 
     Read by the rules for untrusted tars: extended headers bounded (`BoundedTarInfo`), every header
     moving forward (`tar_members`), an end-of-archive marker (`check_tar_tail`). A link, device,
     sparse file or unsafe name (`unsafe_member`), or a member over `max_member_bytes`, raises
     `tarfile.ReadError`: member names are only ever returned, never used as paths. Folder entries
-    are skipped.
+    are skipped, and so are, unread, the members whose name `keep` (when given) refuses.
     """
     with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*", tarinfo=BoundedTarInfo) as tf:
         for member in tar_members(tf):
@@ -208,7 +210,8 @@ def read_tar(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tu
                 raise tarfile.ReadError(
                     f"{path}: member {member.name!r} is {member.size} bytes (limit {max_member_bytes})"
                 )
-            yield member.name, tf.extractfile(member).read(member.size)
+            if keep is None or keep(member.name):
+                yield member.name, tf.extractfile(member).read(member.size)
         check_tar_tail(tf)
 
 
