@@ -60,8 +60,9 @@ def atomic_path(path: str):
     """`atomic_open` for a writer that takes a local path rather than a stream: yields the temporary
     path (`{path}.tmp-{hex}`), renamed onto `path` on success.
 
-    torch.save names the folder inside its zip after the file it is given (`ckpt.pt/data.pkl`; a
-    stream gives `archive/data.pkl`), so a checkpoint saved here has the bytes of one saved at `path`.
+    torch.save names the folder inside its zip after the file it is given less its last suffix (a
+    stream gives `archive/`): saved here at `ckpt.pt`, a checkpoint holds `ckpt.pt/data.pkl` whatever
+    the temporary's random tail, the bytes of the trainer's earlier save to `ckpt.pt.tmp`.
     """
     with _temporary(path) as (fs, tmp):
         if not isinstance(fs, LocalFileSystem):
