@@ -89,14 +89,13 @@ def make_examples(n: int, resolution: int, seed: int = 0) -> list:
 
 def tokenizers_dir(directory: str, release: Path, device: str, dtype: str):
     """Write a corpus's `tokenizers/` with the VQ-GAN, and load it as a worker does (once)."""
-    from transforms.lib.tokenize import build_vocab, fit_text_tokenizer, write_tokenizers
+    from transforms.lib.tokenize import build_vocab, fit_text_tokenizer, load_tokenizers, write_tokenizers
     from transforms.lib.vqgan import load_vqgan
-    from transforms.tokenize import load_once
 
     text_tok = fit_text_tokenizer([f"a field of colour number {i}" for i in range(64)], 300)
     image_tok = load_vqgan(str(release))
     write_tokenizers(directory, text_tok, image_tok, build_vocab(text_tok, image_tok, 8))
-    _, loaded, vocab = load_once(directory)
+    _, loaded, vocab = load_tokenizers(directory)
     loaded.place(device, dtype)
     return loaded, vocab
 

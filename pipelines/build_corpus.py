@@ -25,6 +25,7 @@ from pipelines.options import BuildConfig, CorpusOptions, resolve_inputs
 from schemas import artifacts
 from schemas.records import Example
 from transforms.assemble import JoinNeighbours
+from transforms.common import PerWorker
 from transforms.filters import FilterConfig, FilterCorpus, filtered_rows, filtered_sort_key
 from transforms.lib.clip import clip_embed_dim
 from transforms.lib.embed import embedding_rows, file_view
@@ -43,7 +44,7 @@ from transforms.report import ReportSample
 from transforms.retrieve import Retrieve, WriteNeighbours, WriteRetrievalCounts
 from transforms.sequences import BuildSequences
 from transforms.shards import WriteShards
-from transforms.tokenize import FitTokenizers, TokenizeDocs, forget_loaded
+from transforms.tokenize import FitTokenizers, TokenizeDocs
 
 STAGING = "_staging"
 # Folders under OUTPUT that one build owns and replaces as a whole.
@@ -111,7 +112,9 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
 
     sc = SequenceConfig.from_config(cfg)
     tokenizers = examples | "FitTokenizers" >> FitTokenizers(f"{staging}/tokenizers", sc)
+    loaded = PerWorker()  # one load of the tokenizers per worker, for both tokenizing steps and the layout
     tok_opts = {"batch_size": sc.tokenize_batch_size, "device": sc.device, "dtype": sc.image_tokenizer_dtype}
+    tok_opts["loaded"] = loaded
     docs, token_rejects = examples | "TokenizeDocs" >> TokenizeDocs(tokenizers, **tok_opts)
     embedded_keys = embedded | "EmbeddedKeys" >> beam.Map(lambda e: (e.key, None))
     others = None
@@ -125,7 +128,7 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
             tokenizers, counters="neighbour_input_", **tok_opts
         )
     joined = docs | "JoinNeighbours" >> JoinNeighbours(retrieved.neighbours, keep=embedded_keys, documents=others)
-    samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc)
+    samples, sequence_rejects = joined | "BuildSequences" >> BuildSequences(tokenizers, sc, loaded)
     if cfg.holdout_fraction > 0:
         train, held = samples | "Split" >> beam.Partition(
             lambda s, _, f: int(is_held_out(s.key, f)), 2, cfg.holdout_fraction
@@ -233,7 +236,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
     options = PipelineOptions(argv)
     cfg = BuildConfig.from_options(options.view_as(CorpusOptions))
     units = resolve_inputs(cfg)  # a bad pattern, or an output overlapping an input: one line, before any work
-    forget_loaded()  # an in-process runner reuses transforms.tokenize: last run's tokenizers are stale
     fixed_mmap_threshold()
     fs, root = fsspec.core.url_to_fs(cfg.output)
     if fs.exists(f"{root}/{STAGING}"):  # left by an interrupted run: start its staging afresh

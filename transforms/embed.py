@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -22,13 +22,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from schemas.records import EmbeddedExample, Example, Reject
+from transforms.common import KeyedBatches
 from transforms.lib.clip import resolve_clip
 from transforms.lib.embed import ClipEmbedder, embedded_example
-from transforms.lib.rng import stable_hash
 from transforms.lib.validate import describe_error, strip_addresses
+from transforms.rejects import REJECTED, stage_error
 
 NAMESPACE = "embed"
-FAILED = "failed"  # tag of the reject output of EmbedExamples
 
 # Model loads in this process, by --clip_model; tests read it (Beam's counter is the run's total).
 MODEL_LOADS: Counter = Counter()
@@ -105,10 +105,7 @@ class _SplitResults(beam.DoFn):
     def process(self, result: PredictionResult):
         for example, inference in zip(result.example, result.inference, strict=True):
             if isinstance(inference, str):
-                Metrics.counter("rejected", "stage_error").inc()
-                yield beam.pvalue.TaggedOutput(
-                    FAILED, Reject(example.key, example.source, "stage_error", f"embed: {inference}")
-                )
+                yield stage_error(example.key, example.source, "embed", inference)
             else:
                 Metrics.counter(NAMESPACE, "examples_embedded").inc()
                 yield inference
@@ -122,7 +119,7 @@ def _batch_rejects(failed) -> list[Reject]:
     """
     groups, error = failed
     batch = [e for group in groups for e in group]
-    Metrics.counter("rejected", "stage_error").inc(len(batch))
+    Metrics.counter(REJECTED, "stage_error").inc(len(batch))
     detail = f"embed batch failed: {_describe_dead_letter(error)}"
     return [Reject(e.key, e.source, "stage_error", detail) for e in batch]
 
@@ -135,40 +132,6 @@ def _describe_dead_letter(error) -> str:
     last = lines[-1].strip() if lines else rep  # traceback.format_exception's last entry: "pkg.Type: message"
     message = last.split(": ", 1)[1] if ": " in last else ""
     return strip_addresses(f"{cls.__name__}: {message}")
-
-
-def _bucket(example: Example, batch_size: int, count: int) -> tuple[int, Example]:
-    buckets = max(1, -(-count // (batch_size * 4)))  # about four model batches per bucket
-    return stable_hash(example.key) % buckets, example
-
-
-def _chunks(keyed: tuple[int, Iterable[Example]], batch_size: int) -> Iterator[tuple[Example, ...]]:
-    _, examples = keyed
-    ordered = sorted(examples, key=lambda e: e.key)
-    for i in range(0, len(ordered), batch_size):
-        yield tuple(ordered[i : i + batch_size])
-
-
-class KeyedBatches(beam.PTransform):
-    """PCollection[Example] → tuples of at most `batch_size` examples, chosen by their keys alone.
-
-    Which examples share a model batch decides the last bits of their embeddings (batched matmuls
-    round differently by batch shape), so batches follow from (key hash, corpus size), never from
-    how a runner cut the data into bundles.
-    """
-
-    def __init__(self, batch_size: int):
-        super().__init__()
-        self._batch_size = batch_size
-
-    def expand(self, examples):
-        count = examples | "Count" >> beam.combiners.Count.Globally()
-        return (
-            examples
-            | "Bucket" >> beam.Map(_bucket, self._batch_size, beam.pvalue.AsSingleton(count))
-            | "Group" >> beam.GroupByKey()
-            | "Chunk" >> beam.FlatMap(_chunks, self._batch_size)
-        )
 
 
 class EmbedExamples(beam.PTransform):
@@ -203,6 +166,6 @@ class EmbedExamples(beam.PTransform):
     def expand(self, examples):
         batches = examples | "KeyedBatches" >> KeyedBatches(self._batch_size)
         results, dlq = batches | "RunInference" >> RunInference(self._handler).with_exception_handling()
-        split = results | "Split" >> beam.ParDo(_SplitResults()).with_outputs(FAILED, main="embedded")
+        split = results | "Split" >> beam.ParDo(_SplitResults()).with_outputs(REJECTED, main="embedded")
         batch_failed = dlq.failed_inferences | "BatchFailures" >> beam.FlatMap(_batch_rejects)
-        return split.embedded, (split[FAILED], batch_failed) | "AllFailed" >> beam.Flatten()
+        return split.embedded, (split[REJECTED], batch_failed) | "AllFailed" >> beam.Flatten()

@@ -25,9 +25,9 @@ from typing import NamedTuple
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.utils import shared
 
 from schemas.records import EmbeddedExample, Filtered
+from transforms.common import PerWorker
 from transforms.lib.filters import (
     HIST_BINS,
     HIST_LO,
@@ -132,21 +132,17 @@ def _by_pixels(e: EmbeddedExample):
 class _NearDuplicates(beam.DoFn):
     """Batches of EmbeddedExample → the kept ones, and `Filtered` near duplicates (tag FILTERED).
 
-    The scratch bank is loaded once per worker process (`apache_beam.utils.shared`), as in retrieval.
+    The scratch bank is loaded once per worker process (`transforms.common.PerWorker`), as in retrieval.
     """
 
     def __init__(self, threshold: float):
         self._threshold = threshold
-        self._shared = shared.Shared()
-        self._bank, self._loaded_from = None, None
+        self._bank = PerWorker()
         self._latency = Metrics.distribution(FILTERED, "near_duplicate_batch_ms")
 
     def process(self, batch: list[EmbeddedExample], bank_dir: str):
         start = time.perf_counter()
-        if self._loaded_from != bank_dir:
-            self._bank = self._shared.acquire(lambda: load_bank(bank_dir), tag=f"dedup:{bank_dir}")
-            self._loaded_from = bank_dir
-        bank = self._bank
+        bank = self._bank.get(bank_dir, lambda: load_bank(bank_dir))
         found = range_search(bank, np.stack([e.doc_emb for e in batch]), self._threshold)
         keys, modalities = bank.keys, bank.modalities
         for e, pairs in zip(batch, found, strict=True):

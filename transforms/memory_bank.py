@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 
 from schemas.artifacts import MEMORY_BANK_IDS
 from schemas.records import EmbeddedExample
+from transforms.common import KeyHashBuckets
 from transforms.lib.memory_bank import (
     IDS_FILE,
     INDEX_FILE,
@@ -54,13 +55,8 @@ class _Trained:
 PART_DOCS = 100_000  # documents per filled part when the part count is derived from the corpus size
 
 
-def _part_of(key: str, num_parts: int) -> int:
-    return stable_hash(key) % num_parts
-
-
-def _entry(e: EmbeddedExample, num_parts: int):
-    vec = np.asarray(e.doc_emb, dtype=np.float32)
-    return _part_of(e.key, num_parts), (e.key, e.modality, vec)
+def _entry(e: EmbeddedExample):
+    return e.key, e.modality, np.asarray(e.doc_emb, dtype=np.float32)
 
 
 def _document(e: EmbeddedExample) -> EmbeddedExample:
@@ -155,9 +151,8 @@ class BuildMemoryBank(beam.PTransform):
     def expand(self, examples):
         side = beam.pvalue
         examples = examples | "Documents" >> beam.Map(_document)  # held until the part count is known
-        total = examples | "Count" >> beam.combiners.Count.Globally()
-        num_parts = total | "NumParts" >> beam.Map(lambda n, fixed: fixed or max(1, -(-n // PART_DOCS)), self._parts)
-        entries = examples | "ToParts" >> beam.Map(_entry, side.AsSingleton(num_parts))
+        fixed = self._parts
+        entries, _ = examples | "ToParts" >> KeyHashBuckets(lambda n: fixed or max(1, -(-n // PART_DOCS)), value=_entry)
         counts = entries | "PartSizes" >> beam.combiners.Count.PerKey()
         trained = (
             examples

@@ -12,19 +12,14 @@ from collections.abc import Callable
 import apache_beam as beam
 import pyarrow as pa
 
+from transforms.common import KeyHashBuckets
 from transforms.lib.io import write_table
-from transforms.lib.rng import stable_hash
 
 ROWS_PER_FILE = 50_000  # when the file count follows the row count: bounds what one worker sorts and holds
 
 
 def _num_files(count: int, fixed: int | None, rows_per_file: int) -> int:
     return fixed or max(1, -(-count // rows_per_file))
-
-
-def _bucketed(record, sort_key: Callable, n: int):
-    key = sort_key(record)
-    return stable_hash(key) % n, (key, record)
 
 
 class WriteSortedParquet(beam.PTransform):
@@ -56,12 +51,13 @@ class WriteSortedParquet(beam.PTransform):
         self._sort_key, self._n, self._prefix, self._rows_per_file = sort_key, num_buckets, prefix, rows_per_file
 
     def expand(self, pcoll):
-        count = pcoll | "Count" >> beam.combiners.Count.Globally()
-        n = count | "NumFiles" >> beam.Map(_num_files, self._n, self._rows_per_file)
+        sort_key, fixed, rows_per_file = self._sort_key, self._n, self._rows_per_file
+        keyed, n = pcoll | "Buckets" >> KeyHashBuckets(
+            lambda count: _num_files(count, fixed, rows_per_file), key=sort_key, value=lambda r: (sort_key(r), r)
+        )
         # Every bucket gets a file, empty or not, so readers always find the artifact and reruns
         # always write the same set of names.
         every_bucket = n | "EveryBucket" >> beam.FlatMap(lambda k: [(b, None) for b in range(k)])
-        keyed = pcoll | "Bucket" >> beam.Map(_bucketed, self._sort_key, beam.pvalue.AsSingleton(n))
         return (
             (keyed, every_bucket)
             | "All" >> beam.Flatten()

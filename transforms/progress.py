@@ -13,6 +13,8 @@ import threading
 import time
 from collections import Counter
 
+from apache_beam.metrics.metric import MetricsFilter
+
 _lock = threading.Lock()
 _counts: Counter = Counter()
 _last = [0.0]
@@ -34,8 +36,6 @@ def note(name: str, n: int = 1) -> None:
 
 def counters(result) -> dict[str, int]:
     """All counters of a finished pipeline as `{"namespace/name": value}`."""
-    from apache_beam.metrics.metric import MetricsFilter
-
     out: dict[str, int] = {}
     for c in result.metrics().query(MetricsFilter())["counters"]:
         try:

@@ -18,8 +18,7 @@ from schemas.records import RawSample, Reject
 from transforms import progress
 from transforms.lib.read import _budgets, fetch_parts, read_unit
 from transforms.lib.validate import validate
-
-REJECTED = "rejected"  # tag of the reject output of ReadExamples
+from transforms.rejects import REJECTED, reject
 
 
 class _ReadAndValidate(beam.DoFn):
@@ -41,9 +40,8 @@ class _ReadAndValidate(beam.DoFn):
             if self._prefix and item.key:
                 item = dataclasses.replace(item, key=self._prefix + item.key)
             if isinstance(item, Reject):
-                Metrics.counter(self._reject_ns, item.reason).inc()
                 progress.note("rejected")
-                yield beam.pvalue.TaggedOutput(REJECTED, item)
+                yield reject(item, self._reject_ns)
             else:
                 progress.note("read ok")
                 yield item.key, (order, item)
@@ -55,10 +53,7 @@ def _first_of_duplicates(keyed, reject_ns: str):
     ordered = sorted(examples, key=lambda e: e[0])
     yield ordered[0][1]
     for _, dup in ordered[1:]:
-        Metrics.counter(reject_ns, "duplicate_key").inc()
-        yield beam.pvalue.TaggedOutput(
-            REJECTED, Reject(key, dup.source, "duplicate_key", f"first: {ordered[0][1].source}")
-        )
+        yield reject(Reject(key, dup.source, "duplicate_key", f"first: {ordered[0][1].source}"), reject_ns)
 
 
 class ReadExamples(beam.PTransform):

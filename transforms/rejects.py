@@ -1,6 +1,7 @@
 """The rejects stage: one row per rejected example, written as `rejects/`.
 
-Every stage turns an example it cannot use into a `Reject(key, source, reason, detail)`; the build
+Every stage turns an example it cannot use into a `Reject(key, source, reason, detail)` with `reject`
+or `stage_error` (counted under its reason, tagged REJECTED for the stage's reject output); the build
 flattens them, folds one example's stage errors into one (`OneRejectPerExample`) and writes them
 with `reject_rows`, sorted by `reject_sort_key`.
 """
@@ -13,7 +14,24 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.records import Reject
-from transforms.lib.validate import printable
+from transforms.lib.validate import describe_error, printable
+
+REJECTED = "rejected"  # the tag of every stage's reject output, and the namespace its counters default to
+
+
+def reject(r: Reject, namespace: str = REJECTED) -> beam.pvalue.TaggedOutput:
+    """Count `r` under (`namespace`, its reason) and tag it for the stage's reject output.
+
+    `namespace` is "rejected", or "<prefix>rejected" for inputs counted apart (`--neighbour_input`).
+    """
+    Metrics.counter(namespace, r.reason).inc()
+    return beam.pvalue.TaggedOutput(REJECTED, r)
+
+
+def stage_error(key: str, source: str, what: str, error: Exception | str, namespace: str = REJECTED):
+    """`reject` of a `stage_error`: the stage (`what`) and the error's `Type: message` as its detail."""
+    detail = error if isinstance(error, str) else describe_error(error)
+    return reject(Reject(key, source, "stage_error", f"{what}: {detail}"), namespace)
 
 
 def reject_rows(r: Reject) -> list[dict]:
@@ -48,5 +66,5 @@ def _fold_rejects(keyed: tuple[tuple[str, str], Iterable[Reject]]) -> Reject:
     rejects = list(rejects)
     details = sorted({r.detail for r in rejects})
     if len(rejects) > 1:  # each was counted where it was made
-        Metrics.counter("rejected", "stage_error").dec(len(rejects) - 1)
+        Metrics.counter(REJECTED, "stage_error").dec(len(rejects) - 1)
     return Reject(key, source, "stage_error", "; ".join(details))

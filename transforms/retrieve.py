@@ -12,10 +12,10 @@ import time
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.utils import shared
 
 from schemas.artifacts import NEIGHBOURS, RETRIEVAL_COUNTS
 from schemas.records import EmbeddedExample, Neighbour, RetrievalCounts
+from transforms.common import PerWorker
 from transforms.lib.memory_bank import load_bank
 from transforms.lib.retrieve import VIAS, RetrievalRules, query_view, retrieve_batch
 from transforms.parquet_io import WriteSortedParquet
@@ -26,7 +26,7 @@ COUNTS = "counts"  # tag of the DoFn's counts output
 class RetrieveDoFn(beam.DoFn):
     """Batches of EmbeddedExample → Neighbour (main output) and RetrievalCounts (tag `counts`).
 
-    The bank is loaded once per worker process and shared by its threads (`apache_beam.utils.shared`).
+    The bank is loaded once per worker process and shared by its threads (`transforms.common.PerWorker`).
     With a fixed `bank_dir` it loads in setup(); with the directory as a side input (a bank built in
     the same pipeline) it loads on the first batch.
 
@@ -37,9 +37,7 @@ class RetrieveDoFn(beam.DoFn):
 
     def __init__(self, bank_dir: str | None, rules: RetrievalRules):
         self._bank_dir, self._rules = bank_dir, rules
-        self._shared = shared.Shared()
-        self._bank = None
-        self._loaded_from: str | None = None
+        self._bank = PerWorker()
         self._queries = Metrics.counter("retrieve", "queries")
         self._selected = Metrics.counter("retrieve", "neighbours_selected")
         self._latency = Metrics.distribution("retrieve", "batch_ms")
@@ -50,10 +48,7 @@ class RetrieveDoFn(beam.DoFn):
             self._bank_for(self._bank_dir)
 
     def _bank_for(self, bank_dir: str):
-        if self._loaded_from != bank_dir:
-            self._bank = self._shared.acquire(lambda: load_bank(bank_dir), tag=bank_dir)
-            self._loaded_from = bank_dir
-        return self._bank
+        return self._bank.get(bank_dir, lambda: load_bank(bank_dir))
 
     def process(self, batch: list[EmbeddedExample], bank_dir: str | None = None):
         start = time.perf_counter()

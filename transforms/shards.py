@@ -8,8 +8,9 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.common import KeyHashBuckets
 from transforms.lib.sequences import size, sum_pairs
-from transforms.lib.shards import num_shards_for, shard_of, write_bucket, write_manifest
+from transforms.lib.shards import num_shards_for, write_bucket, write_manifest
 
 
 def _write_bucket(keyed, directory: str, max_samples: int, max_bytes: int) -> list:
@@ -33,11 +34,12 @@ class WriteShards(beam.PTransform):
         self._directory, self._max_samples, self._max_bytes = directory, max_samples, max_bytes
 
     def expand(self, samples):
-        totals = samples | "Sizes" >> beam.Map(size) | "Total" >> beam.CombineGlobally(sum_pairs)
-        n = totals | "NumShards" >> beam.Map(lambda t: num_shards_for(t[0], t[1], self._max_samples, self._max_bytes))
+        max_samples, max_bytes = self._max_samples, self._max_bytes
+        by_shard, _ = samples | "ByShard" >> KeyHashBuckets(
+            lambda t: num_shards_for(t[0], t[1], max_samples, max_bytes), measure=size, add=sum_pairs
+        )
         rows = (
-            samples
-            | "ByShard" >> beam.Map(lambda s, k: (shard_of(s.key, k), s), beam.pvalue.AsSingleton(n))
+            by_shard
             | "Group" >> beam.GroupByKey()
             | "Write" >> beam.FlatMap(_write_bucket, self._directory, self._max_samples, self._max_bytes)
         )

@@ -4,28 +4,23 @@
   sample of captions sorted by key, the image codebook on a bounded sample of images, so the fit
   is the same whatever the runner; or both are loaded. Writes `tokenizers/` and yields its path.
 - `TokenizeDocs`: Example → (key, TokenizedDoc), tokenizers loaded once per worker; images are
-  encoded in model batches cut from the keys (`KeyedBatches`, the embed stage's rule), so a
+  encoded in model batches cut from the keys (`transforms.common.KeyedBatches`, as the CLIP's), so a
   VQ-GAN's codes never depend on the runner's bundles.
 """
 
 from __future__ import annotations
 
-import threading
-
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from schemas.records import Example, Reject, TokenizedDoc
+from schemas.records import Example, TokenizedDoc
 from transforms import progress
-from transforms.embed import KeyedBatches
+from transforms.common import KeyedBatches, PerWorker
 from transforms.lib.rng import stable_hash
 from transforms.lib.sequences import SequenceConfig, decode_rgb, fit_and_write
 from transforms.lib.tokenize import encode_caption, encode_images, load_tokenizers
-from transforms.lib.validate import describe_error
-
-FAILED = "failed"
-
+from transforms.rejects import REJECTED, stage_error
 
 # ---------------------------------------------------------------------------------------------
 # Fitting (or loading) the tokenizers: one worker, bounded samples.
@@ -79,38 +74,17 @@ class FitTokenizers(beam.PTransform):
         )
 
 
-_loaded: dict[str, tuple] = {}
-_loaded_lock = threading.Lock()
-
-
-def forget_loaded() -> None:
-    """Drop cached tokenizers (a new build may rewrite the same directory)."""
-    with _loaded_lock:
-        _loaded.clear()
-
-
-def load_once(directory: str) -> tuple:
-    """(text tokenizer, image tokenizer, vocab) of `directory`, loaded once per process."""
-    with _loaded_lock:
-        if directory not in _loaded:
-            _loaded[directory] = load_tokenizers(directory)
-        return _loaded[directory]
-
-
 class _TokenizeBatch(beam.DoFn):
     """One keyed batch of Examples → (key, TokenizedDoc) each, its images encoded as one model batch."""
 
-    def __init__(self, reject_ns: str = "rejected", device: str = "cpu", dtype: str = "float32"):
-        self._reject_ns, self._device, self._dtype = reject_ns, device, dtype
+    def __init__(self, loaded: PerWorker, reject_ns: str = REJECTED, device: str = "cpu", dtype: str = "float32"):
+        self._loaded, self._reject_ns, self._device, self._dtype = loaded, reject_ns, device, dtype
 
     def _reject(self, example: Example, what: str, error: Exception):
-        Metrics.counter(self._reject_ns, "stage_error").inc()
-        return beam.pvalue.TaggedOutput(
-            FAILED, Reject(example.key, example.source, "stage_error", f"{what}: {describe_error(error)}")
-        )
+        return stage_error(example.key, example.source, what, error, self._reject_ns)
 
     def process(self, batch, directory: str):
-        text_tok, image_tok, vocab = load_once(directory)
+        text_tok, image_tok, vocab = self._loaded.get(directory, lambda: load_tokenizers(directory))
         if hasattr(image_tok, "place"):  # a VQ-GAN or the patch VQ: onto --device (a no-op after the first)
             image_tok.place(self._device, self._dtype)
         texts, pictures, failed = {}, {}, set()
@@ -144,7 +118,9 @@ class TokenizeDocs(beam.PTransform):
     """PCollection[Example] → ((key, TokenizedDoc) pairs, Rejects), given the tokenizers directory.
 
     `counters` prefixes the reject counter's namespace, as in `ReadExamples`. Images are encoded
-    `batch_size` at a time in batches made from the keys (see `transforms.embed.KeyedBatches`).
+    `batch_size` at a time in batches made from the keys (see `transforms.common.KeyedBatches`).
+    `loaded`: the per-worker handle of the loaded tokenizers; pass the pipeline's one handle to every
+    stage that reads the same `tokenizers/` so a worker loads them once (default: a handle of its own).
     """
 
     def __init__(
@@ -154,14 +130,16 @@ class TokenizeDocs(beam.PTransform):
         batch_size: int = 16,
         device: str = "cpu",
         dtype: str = "float32",
+        loaded: PerWorker | None = None,
     ):
         super().__init__()
-        self._dir, self._reject_ns = tokenizers_dir, f"{counters}rejected"
+        self._dir, self._reject_ns = tokenizers_dir, f"{counters}{REJECTED}"
+        self._loaded = loaded or PerWorker()
         self._batch_size, self._device, self._dtype = batch_size, device, dtype
 
     def expand(self, examples):
         side = beam.pvalue.AsSingleton(self._dir)
         batches = examples | "KeyedBatches" >> KeyedBatches(self._batch_size)
-        fn = _TokenizeBatch(self._reject_ns, self._device, self._dtype)
-        out = batches | "Tokenize" >> beam.ParDo(fn, side).with_outputs(FAILED, main="docs")
-        return out.docs, out[FAILED]
+        fn = _TokenizeBatch(self._loaded, self._reject_ns, self._device, self._dtype)
+        out = batches | "Tokenize" >> beam.ParDo(fn, side).with_outputs(REJECTED, main="docs")
+        return out.docs, out[REJECTED]

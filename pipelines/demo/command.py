@@ -20,7 +20,7 @@ from PIL import Image
 from pipelines.demo.data import write_demo_corpus
 from transforms.lib.io import read_tar
 from transforms.lib.report import append_section, training_section
-from transforms.lib.tokenize import decode_text, encode_caption, encode_image
+from transforms.lib.tokenize import decode_text, encode_caption, encode_image, load_tokenizers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +57,6 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
 
     from model.sample import generate_caption, generate_image
     from model.train import TrainConfig, load_model, train
-    from transforms.tokenize import load_once
 
     cfg = TrainConfig(
         shards=f"{corpus}/shards/cm3-*.tar",
@@ -79,7 +78,7 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
     )
     summary = train(cfg)
     model = load_model(f"{run_dir}/ckpt.pt")
-    text_tok, image_tok, vocab = load_once(f"{corpus}/tokenizers")
+    text_tok, image_tok, vocab = load_tokenizers(f"{corpus}/tokenizers")
     rng = torch.Generator().manual_seed(seed)
 
     def png(codes) -> bytes:

@@ -92,7 +92,7 @@ def shard_of(key: str, num_shards: int) -> int:
 
 
 def shard_assignment(keys: Iterable[str], num_shards: int) -> dict[str, int]:
-    """Key → bucket for many keys (the Beam pipeline calls `shard_of` per element instead)."""
+    """Key → bucket for many keys (the Beam pipeline buckets with `transforms.common.KeyHashBuckets`: the same hash)."""
     return {k: shard_of(k, num_shards) for k in keys}
 
 
