@@ -1,4 +1,4 @@
-"""`cm3corpus build`: the one Beam pipeline, wiring the stages of DESIGN.md's picture in order.
+"""`cm3corpus build`: the one Beam pipeline, wiring the stages of docs/design.md's picture in order.
 
 Every artifact is written under `OUTPUT/_staging/` and moved into place only when the whole
 pipeline has succeeded, so a crashed or killed run never leaves a half-written artifact where a
