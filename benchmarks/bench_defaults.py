@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -67,13 +66,13 @@ def build(code: str, data: str, output: str, flags: list[str], log: str) -> dict
 def demo_pairs(data: str) -> list:
     """The image+caption examples of the demo tars, as `Example`s (for the bare loop)."""
     from schemas.records import Example
+    from transforms.lib.io import read_tar
 
     parts: dict[str, dict[str, bytes]] = {}
     for path in sorted(glob.glob(f"{data}/*.tar")):
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                parts.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for name, data_ in read_tar(path):
+            key, ext = name.split(".", 1)
+            parts.setdefault(key, {})[ext] = data_
     return [
         Example(key, "bench", p["txt"].decode(), p["jpg"], 0, 0)
         for key, p in sorted(parts.items())

@@ -28,7 +28,6 @@ import argparse
 import glob
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -40,22 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.generate import GenerateConfig, load_decoder, run_generate  # noqa: E402
 from pipelines.demo.data import COLORS, SHAPES  # noqa: E402
 from transforms.lib.corpus import Corpus  # noqa: E402
+from transforms.lib.io import read_tar  # noqa: E402
 
 
 def heldout_prompts(corpus: Corpus, data: str, n: int) -> list[dict]:
     """Up to n held-out one-object image+text examples: key, caption, shape, colour, image bytes."""
     keys: set[str] = set()
     for path in sorted(glob.glob(f"{corpus.root}/shards/heldout/*.tar")):
-        with tarfile.open(path) as tf:
-            keys |= {m.name.split(".", 1)[0] for m in tf.getmembers() if m.isfile()}
+        keys |= {name.split(".", 1)[0] for name, _ in read_tar(path)}
     found = []
     for path in sorted(glob.glob(f"{data}/*.tar")):
-        with tarfile.open(path) as tf:
-            parts: dict[str, dict[str, bytes]] = {}
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                if key in keys:
-                    parts.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        parts: dict[str, dict[str, bytes]] = {}
+        for name, data_ in read_tar(path, keep=lambda name: name.split(".", 1)[0] in keys):
+            key, ext = name.split(".", 1)
+            parts.setdefault(key, {})[ext] = data_
         for key in sorted(parts):
             p = parts[key]
             if not {"jpg", "txt", "json"} <= p.keys():

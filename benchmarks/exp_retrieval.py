@@ -40,7 +40,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.data import decode_tokens, find_vocab, query_token_loss_mask, shard_loader  # noqa: E402
 from model.train import TrainConfig, load_model, train  # noqa: E402
 from schemas.vocab import PAD  # noqa: E402
+from transforms.lib.io import read_tar, write_tar  # noqa: E402
 
 
 @dataclass
@@ -70,10 +70,9 @@ class Build:
 def read_shard(path: str) -> list[tuple[str, np.ndarray, dict]]:
     """(key, tokens, meta) of every sample of one shard, in stored order."""
     parts: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tf:
-        for member in tf.getmembers():
-            key, ext = member.name.split(".", 1)
-            parts.setdefault(key, {})[ext] = tf.extractfile(member).read()
+    for name, data in read_tar(path):
+        key, ext = name.split(".", 1)
+        parts.setdefault(key, {})[ext] = data
     return [(k, decode_tokens(p["tokens.npy"]), json.loads(p["json"])) for k, p in sorted(parts.items())]
 
 
@@ -94,10 +93,8 @@ def _without_keys(src_dir: str, dst_dir: str, drop: set[str]) -> None:
     """Copy the demo data's tars, leaving out every member of the samples whose key is in `drop`."""
     os.makedirs(dst_dir, exist_ok=True)
     for path in sorted(glob.glob(f"{src_dir}/*.tar")):
-        with tarfile.open(path) as src, tarfile.open(os.path.join(dst_dir, os.path.basename(path)), "w") as dst:
-            for member in src.getmembers():
-                if member.name.split(".", 1)[0] not in drop:
-                    dst.addfile(member, src.extractfile(member))
+        with open(os.path.join(dst_dir, os.path.basename(path)), "wb") as dst:
+            write_tar(dst, read_tar(path, keep=lambda name: name.split(".", 1)[0] not in drop))
 
 
 def build_corpora(workdir: str, examples: int, seed: int) -> dict[str, Build]:
