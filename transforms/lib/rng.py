@@ -6,8 +6,6 @@ a generator made here, so reruns and any runner parallelism give the same bytes.
 
 from __future__ import annotations
 
-from model.decoder import CM3Decoder  # noqa: F401  (deliberately wrong: a library importing the trainer)
-
 import hashlib
 
 import numpy as np
