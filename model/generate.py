@@ -30,6 +30,7 @@ import html
 import io
 import json
 import os
+import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -37,8 +38,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from transforms.lib.corpus import RULE_CHECKS, check_flags
+from schemas.vocab import EOSS
+from transforms.lib.clip import ClipWeightsUnavailable
+from transforms.lib.corpus import RULE_CHECKS, Corpus, check_flags, read_image_file
+from transforms.lib.io import atomic_open
+from transforms.lib.retrieve import RetrievalRules
+from transforms.lib.rng import rng_for
+from transforms.lib.tokenize import decode_text, encode_caption, encode_image
 
 RUN_JSON = "run.json"
 INDEX_HTML = "index.html"
@@ -67,8 +75,6 @@ class GenerateConfig:
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index`: from (seed, index) alone, so it does not depend on --num_samples."""
-    from transforms.lib.rng import rng_for
-
     return int(rng_for(seed, f"sample-{index}", "generate").integers(2**62))
 
 
@@ -77,7 +83,7 @@ def load_decoder(checkpoint: str, device: str = "cpu"):
 
     Loaded with `weights_only=True` (`model.train.load_checkpoint`): nothing in it runs as code.
     """
-    from model.train import CKPT, load_model
+    from model.train import CKPT, load_model  # lazy: torch takes seconds; `generate --help` and flag errors need none
 
     path = os.path.join(checkpoint, CKPT) if os.path.isdir(checkpoint) else checkpoint
     if not os.path.isfile(path):
@@ -153,12 +159,11 @@ def run_generate(
     Returns:
         The run.json contents, plus (not written) `images`: sample index → PNG bytes.
     """
+    # lazy: torch takes seconds; `generate --help` and flag errors need none
     import torch
 
+    # lazy: model.sample imports torch (as above)
     from model.sample import generate, image_to_caption_prompt, text_to_image_prompt
-    from transforms.lib.corpus import read_image_file
-    from transforms.lib.retrieve import RetrievalRules
-    from transforms.lib.tokenize import decode_text, encode_caption, encode_image
 
     text_tok, image_tok, vocab = corpus.tokenizers
     if getattr(vocab, "kind", "native") != "native":
@@ -180,8 +185,6 @@ def run_generate(
     if to_image:
         prompt = text_to_image_prompt(vocab, encode_caption(text_tok, vocab, gc.prompt), neighbours, seq_len)
     else:
-        from PIL import Image
-
         with Image.open(io.BytesIO(image_bytes)) as im:
             image_ids = encode_image(image_tok, vocab, im.convert("RGB"))
         prompt = image_to_caption_prompt(vocab, image_ids, gc.max_caption_tokens, neighbours, seq_len)
@@ -226,8 +229,6 @@ def run_generate(
         for i in range(len(rows)):
             samples.append({"index": i, "seed": seeds[i], "file": f"sample-{i:02d}.png"})
     else:
-        from schemas.vocab import EOSS
-
         texts = []
         for row in rows:
             row = row[: row.index(EOSS)] if EOSS in row else row
@@ -338,8 +339,6 @@ def render_html(run: dict, images: dict[int, bytes], doc_images: dict[str, bytes
 
 def write_outputs(output: str, run: dict, images: dict[int, bytes], corpus, docs: dict) -> None:
     """The PNGs, run.json and index.html under `output` (each to a temporary name, then renamed)."""
-    from transforms.lib.io import atomic_open
-
     os.makedirs(output, exist_ok=True)
     for x in run["samples"]:
         if x["index"] in images:
@@ -418,11 +417,6 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     gc = config_from_args(args)
-    import pickle
-
-    from transforms.lib.clip import ClipWeightsUnavailable
-    from transforms.lib.corpus import Corpus
-
     try:
         model, path = load_decoder(args.checkpoint, args.device)
     except (pickle.UnpicklingError, RuntimeError, KeyError) as e:  # not a checkpoint `cm3corpus train` wrote

@@ -26,6 +26,7 @@ import torch
 
 from model.decoder import CM3Decoder, KVCache
 from schemas.vocab import BREAK, EOD, EOSS, PAD, Vocab
+from transforms.lib.layout import Doc, layout
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,6 @@ def _check_range(ids: Sequence[int], start: int, stop: int, what: str) -> list[i
 
 def _laid_out(vocab: Vocab, neighbours: Sequence[Any], query: Any, seq_len: int | None, reserve: int):
     """The build's layout of the retrieved documents and the query, its closing `<eod>` dropped."""
-    from transforms.lib.layout import Doc, layout
-
     docs = [Doc(n.text_ids, n.image_ids) for n in neighbours]
     lay = layout(docs, query, seq_len if seq_len is not None else 2**62, reserve=reserve, vocab=vocab)
     kept = [n for i, n in enumerate(neighbours) if i not in lay.dropped]
@@ -279,8 +278,6 @@ def text_to_image_prompt(
         seq_len: the model's positions; documents are dropped from the first one on to leave room
             for the image, as the build drops them for length.
     """
-    from transforms.lib.layout import Doc
-
     caption = _check_range(caption_ids, vocab.text_start, vocab.image_start, "caption")
     tpi = vocab.tokens_per_image
     ids, kept, dropped = _laid_out(vocab, neighbours, Doc(caption, None), seq_len, tpi)
@@ -306,8 +303,6 @@ def image_to_caption_prompt(
 
     The guidance stream (used only when asked for) is the retrieved documents with the image masked.
     """
-    from transforms.lib.layout import Doc
-
     image = _check_range(image_ids, vocab.image_start, vocab.size, "image")
     s0 = vocab.sentinel(0)
     reserve = max_new_tokens + 2  # the closing <eod> is dropped; <sentinel:0> and the text follow

@@ -55,6 +55,7 @@ def train_and_sample(corpus: str, run_dir: str, steps: int, seed: int) -> dict:
     # lazy: torch and Beam take seconds to import; `cm3corpus demo --help` and `--train_steps 0` need neither
     import torch
 
+    # lazy: as torch above (model imports torch, transforms.tokenize imports Beam)
     from model.sample import generate_caption, generate_image
     from model.train import TrainConfig, load_model, train
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import fsspec
+
 from schemas.vocab import ChameleonVocab
 
 if TYPE_CHECKING:
@@ -56,8 +58,6 @@ def image_token_name(code: int) -> str:
 
 def tokenizer_path(directory: str) -> str:
     """The `text_tokenizer.json` of a Chameleon/Anole directory (DIR itself or DIR/tokenizer)."""
-    import fsspec
-
     d = directory.rstrip("/")
     for path in (f"{d}/text_tokenizer.json", f"{d}/tokenizer/text_tokenizer.json"):
         fs, p = fsspec.core.url_to_fs(path)

@@ -58,7 +58,7 @@ def text_tower(model) -> tuple[Any, str, int | None] | None:
 
 def standard_blocks(transformer) -> bool:
     """Whether every block is open_clip's `ResidualAttentionBlock` over a plain batch-first MultiheadAttention."""
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
     from open_clip.transformer import ResidualAttentionBlock
 
     if not getattr(transformer, "batch_first", False) or getattr(transformer, "grad_checkpointing", False):
@@ -109,7 +109,7 @@ def _heads(attn) -> tuple[int, int]:
 
 def _activate_(mlp, x):
     """The MLP's activation, in place where it is one we know (a fresh tensor costs page faults on CPU)."""
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
     from open_clip.transformer import QuickGELU
 
     act = mlp.gelu
@@ -132,7 +132,7 @@ def _block_(blk, x, ws: dict, attend):
     `attend` maps the (N, 3W) in-projection to the (N, W) attention output; it holds what differs
     between towers (dense patches, or trie nodes gathered into rows).
     """
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
 
     attn, mlp = blk.attn, blk.mlp
     qkv = torch.addmm(attn.in_proj_bias, blk.ln_1(x), attn.in_proj_weight.t(), out=ws["qkv"])
@@ -145,7 +145,7 @@ def _block_(blk, x, ws: dict, attend):
 
 def _dense_attention(B: int, L: int, heads: int, dim: int):
     """Unmasked attention over B rows of L positions laid out one after another (vision)."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: seconds to import; query, generate and the build import this module
 
     def attend(qkv):
         q, k, v = qkv.view(B, L, 3, heads, dim).permute(2, 0, 3, 1, 4)  # each (B, H, L, d)
@@ -157,7 +157,7 @@ def _dense_attention(B: int, L: int, heads: int, dim: int):
 def _trie_attention(index, mask, first_seen, heads: int, dim: int):
     """Attention of trie nodes: rows gathered by `index` (R, L), masked by `mask` (R, 1, L, L), and each
     node read back from the first row position it stands at (`first_seen`, (N,))."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: seconds to import; query, generate and the build import this module
 
     R, L = index.shape
 
@@ -177,7 +177,7 @@ def _block_pooled(blk, x_q, kv_states, mask=None):
         kv_states: (R, L, W) states every pooled position attends over.
         mask: (R, 1, 1, L) bool, True where a key counts, or None for all.
     """
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: seconds to import; query, generate and the build import this module
 
     attn = blk.attn
     R, L, W = kv_states.shape
@@ -233,7 +233,7 @@ def lean_encode_text(model, tokens, stats: dict | None = None):
         stats: if given, "passes", "positions" (row positions without padding) and "computed" (trie
             nodes actually run) are added to it.
     """
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
 
     spec = text_tower(model)
     if spec is None or len(tokens) == 0:
@@ -275,7 +275,7 @@ def lean_encode_text(model, tokens, stats: dict | None = None):
 
 def project_text(tower, pooled):
     """The text tower's output projection (a Linear or a plain matrix, as open_clip builds it), if any."""
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
 
     projection = tower.text_projection
     if projection is None:
@@ -284,13 +284,13 @@ def project_text(tower, pooled):
 
 
 def _tolerance(model) -> float:
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
 
     return TOL if next(model.parameters()).dtype == torch.float32 else TOL_HALF
 
 
 def _max_diff(a, b) -> float:
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: seconds to import; query, generate and the build import this module
 
     return (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).abs().max().item()
 
@@ -304,7 +304,7 @@ def matches_open_clip(what: str, ours, theirs, model, normalized: bool = True) -
         model: the model (its precision picks the tolerance, TOL or TOL_HALF).
         normalized: compare unit-norm embeddings; False compares the raw features.
     """
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
 
     try:
         with torch.inference_mode():
@@ -331,7 +331,7 @@ def lean_text_applies(model, tokenizer) -> bool:
 
 def lean_image_applies(model) -> bool:
     """Whether `lean_encode_image` matches `model.encode_image` on probe pixels."""
-    import torch
+    import torch  # lazy: seconds to import; query, generate and the build import this module
     from open_clip.transformer import VisionTransformer
 
     visual = getattr(model, "visual", None)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 import braceexpand
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -218,8 +219,6 @@ def read_tar(
 
 def write_table(path: str, table: pa.Table) -> None:
     """Write `table` to `path` (any fsspec URL) through `atomic_open`."""
-    import pyarrow.parquet as pq
-
     # store_schema=False: pyarrow cannot read back a null fixed-size list from its own stored
     # schema (apache/arrow#35692); the types come back from the artifact schema on read instead,
     # and the artifact name and version travel as plain key-value metadata.
@@ -231,8 +230,6 @@ def write_table(path: str, table: pa.Table) -> None:
 
 def read_table(path: str, schema: pa.Schema) -> pa.Table:
     """Read every parquet file under `path` and check it against `schema`."""
-    import pyarrow.parquet as pq
-
     fs, root = fsspec.core.url_to_fs(path)
     files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if fs.exists(root) else []
     tables = []

@@ -15,6 +15,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import fsspec
+from PIL import Image
+
 from transforms.lib.io import atomic_open
 
 THUMB_SIDE = 128  # px, longest side of an embedded thumbnail
@@ -50,8 +53,6 @@ def thumbnail_jpeg(image: bytes | None, side: int = THUMB_SIDE) -> bytes | None:
     """The JPEG thumbnail of encoded image bytes that the report embeds; None when absent or undecodable."""
     if not image:
         return None
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(image)) as im:
             im.draft(
@@ -395,8 +396,6 @@ def training_section(
 
 def append_section(path: str, html: str) -> None:
     """Insert `html` at the end of an existing report's body (temporary name, then rename)."""
-    import fsspec
-
     fs, target = fsspec.core.url_to_fs(path)
     with fs.open(target, "r", encoding="utf-8") as f:
         page = f.read()

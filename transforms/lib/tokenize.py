@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import io
 import math
+import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+import fsspec
 import numpy as np
+import tokenizers
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from schemas.vocab import ChameleonVocab, Vocab, load_vocab
+from transforms.lib.chameleon import chameleon_vocab, text_only
 from transforms.lib.io import write_bytes
 from transforms.lib.rng import rng_for
-
-if TYPE_CHECKING:
-    import tokenizers
-    from PIL import Image
 
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 IMAGE_TOKENIZER_FILE = "image_tokenizer.npz"
@@ -44,8 +47,6 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp, fixed so saved
 
 
 def _read_bytes(path: str) -> bytes:
-    import fsspec
-
     with fsspec.open(path, "rb") as f:
         return f.read()
 
@@ -81,8 +82,6 @@ def fit_text_tokenizer(captions: Iterable[str], vocab_size: int) -> tokenizers.T
         captions: training text, in a deterministic order (the pipeline sorts by key).
         vocab_size: target number of entries (CM3Leon: 56,320).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     # No normaliser, no prefix space, no trimming: decode(encode(x)) must give x back byte for byte.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -100,8 +99,6 @@ def fit_text_tokenizer(captions: Iterable[str], vocab_size: int) -> tokenizers.T
 
 def load_text_tokenizer(path: str) -> tokenizers.Tokenizer:
     """Load a `tokenizer.json` (HF tokenizers format) from a local path or fsspec URL."""
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_str(_read_bytes(path).decode("utf-8"))
 
 
@@ -146,8 +143,6 @@ class ImageTokenizer(Protocol):
 
 
 def _to_square_rgb(image: Image.Image, size: int) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
@@ -255,7 +250,7 @@ class PatchVQTokenizer:
         accumulated in float32 (patch_dim <= 341), and |c|^2 is added in float32 after: exact whatever the
         GPU's matmul precision setting, blocking or split. Ties go to the lowest code (`argmin`'s first minimum).
         """
-        import torch
+        import torch  # lazy: seconds to import; the build's wiring, query and generate import this module
 
         if not self._exact_f32:
             raise ValueError(f"nearest_torch needs patches of at most 341 values, not {self.codebook.shape[1]}")
@@ -287,8 +282,6 @@ class PatchVQTokenizer:
         return self.nearest(patches).reshape(len(images), self.tokens_per_image)
 
     def decode(self, codes: np.ndarray) -> list[Image.Image]:
-        from PIL import Image
-
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.tokens_per_image)
         if codes.size and (codes.min() < 0 or codes.max() >= self.num_codes):
             raise ValueError("image codes out of range")
@@ -353,10 +346,7 @@ def fit_patch_vq(
         niter: k-means iterations.
         min_points: sample size at least (when the images have that many patches).
     """
-    import sys
-    import time
-
-    import faiss
+    import faiss  # lazy: 0.13 s to import, for fitting only; the build's wiring, query and generate import this module
 
     if not images:
         raise ValueError("fit_patch_vq needs at least one image")
@@ -399,7 +389,7 @@ def fit_patch_vq(
 
 
 def _vqgan_from_arrays(arrays: dict[str, np.ndarray]) -> ImageTokenizer:
-    from transforms.lib.vqgan import VQGANTokenizer  # torch is imported only when a VQ-GAN is opened
+    from transforms.lib.vqgan import VQGANTokenizer  # lazy: vqgan imports torch; only a VQ-GAN tokenizer needs it
 
     return VQGANTokenizer.from_arrays(arrays)
 
@@ -420,7 +410,7 @@ def register_image_tokenizer(kind: str, from_arrays: Callable[[dict[str, np.ndar
 def load_image_tokenizer(path: str) -> ImageTokenizer:
     """Load an image tokenizer `.npz` (never unpickled), dispatching on its `kind` field, or `vqgan:DIR`."""
     if path.startswith(VQGAN_PREFIX):
-        from transforms.lib.vqgan import load_vqgan
+        from transforms.lib.vqgan import load_vqgan  # lazy: vqgan imports torch, as above
 
         return load_vqgan(path[len(VQGAN_PREFIX) :])
     arrays = _load_npz(_read_bytes(path))
@@ -483,8 +473,6 @@ def load_tokenizers(directory: str) -> tuple[tokenizers.Tokenizer, ImageTokenize
     image_tok = load_image_tokenizer(f"{directory}/{IMAGE_TOKENIZER_FILE}")
     vocab = load_vocab(_read_bytes(f"{directory}/{VOCAB_FILE}").decode("utf-8"))
     if vocab.kind == "chameleon":
-        from transforms.lib.chameleon import chameleon_vocab, text_only
-
         text_tok = text_only(text_tok)
         expected = chameleon_vocab(text_tok, image_tok.num_codes, image_tok.tokens_per_image, vocab.num_sentinels)
     else:

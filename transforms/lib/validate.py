@@ -22,10 +22,14 @@ The policy, one rule per line (README "Input policy" repeats it for users):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import warnings
 from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.records import Example, RawSample, Reject
 
@@ -112,8 +116,6 @@ def _caption(data: bytes | None, budgets: Budgets) -> str | None:
 
 
 def _image(data: bytes, budgets: Budgets) -> tuple[bytes, int, int, str]:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if len(data) > budgets.max_image_bytes:
         raise _Rejected("image_too_large", f"{len(data)} bytes > {budgets.max_image_bytes}")
     try:
@@ -166,8 +168,6 @@ PIXEL_HASH_ROWS = 512  # rows hashed per strip: never a second full copy of a la
 def pixel_hash(im) -> str:
     """A 128-bit hash of a decoded RGB image's size and pixels: equal for the same picture re-encoded
     losslessly or re-uploaded byte-for-byte, whatever its file format (the exact-duplicate filter)."""
-    import hashlib
-
     digest = hashlib.blake2b(f"{im.mode} {im.width}x{im.height}".encode(), digest_size=16)
     for top in range(0, im.height, PIXEL_HASH_ROWS):
         digest.update(im.crop((0, top, im.width, min(top + PIXEL_HASH_ROWS, im.height))).tobytes())
@@ -176,9 +176,6 @@ def pixel_hash(im) -> str:
 
 def to_rgb(im):
     """Normalise any PIL mode to 8-bit RGB: alpha and palette onto white, 16-bit scaled down."""
-    import numpy as np
-    from PIL import Image
-
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # A band of rows at a time: a whole float64 copy would be 8 bytes a pixel (512 MB at the default
         # 64 Mpx budget) on top of the decoded image; the band keeps the extra to about 8 MB.

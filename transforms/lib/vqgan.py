@@ -26,6 +26,7 @@ JSON and each weight as an array; no pickle), so `tokenizers/` stays self-contai
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -33,13 +34,17 @@ import pickle
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import fsspec
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
+from transforms.lib.io import write_bytes
+from transforms.lib.tokenize import _save_npz
 
 KIND = "vqgan"
 CHAMELEON, TAMING = "chameleon", "taming"  # preprocessing conventions
@@ -77,7 +82,7 @@ class VQGANConfig:
     @classmethod
     def from_yaml(cls, text: str, preprocess: str) -> VQGANConfig:
         """Parse a taming / Chameleon `model.yaml` (safe_load; `target:` is never imported)."""
-        import yaml
+        import yaml  # lazy: pyyaml is the `chameleon` extra's; only a VQ-GAN directory's config needs it
 
         doc = yaml.safe_load(text)
         try:
@@ -118,10 +123,7 @@ class VQGANConfig:
 
 
 def _modules():
-    """The torch modules, built on first use so importing this file does not import torch."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    """The torch modules, built on first use (`build_model`)."""
 
     def normalize(c: int) -> nn.GroupNorm:
         return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
@@ -310,8 +312,6 @@ def build_model(cfg: VQGANConfig):
 
 def whiten_transparency(image: Image.Image) -> Image.Image:
     """RGB with any alpha composited onto white (Chameleon's `_whiten_transparency`)."""
-    from PIL import Image
-
     if image.mode == "RGB":
         return image
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
@@ -328,8 +328,6 @@ def preprocess(image: Image.Image, cfg: VQGANConfig) -> np.ndarray:
     Both: alpha on white, the short side resized to `resolution`, centre crop. Chameleon resizes with
     LANCZOS and scales `x / 255 * 2 - 1`; taming's data code with bicubic and `x / 127.5 - 1`.
     """
-    from PIL import Image
-
     image = whiten_transparency(image)
     size = cfg.resolution
     scale = size / min(image.size)
@@ -345,8 +343,6 @@ def preprocess(image: Image.Image, cfg: VQGANConfig) -> np.ndarray:
 
 def to_images(x: np.ndarray) -> list[Image.Image]:
     """(N, 3, R, R) floats in [-1, 1] → N RGB images."""
-    from PIL import Image
-
     pixels = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
     return [Image.fromarray(np.ascontiguousarray(p), "RGB") for p in pixels]
 
@@ -367,8 +363,6 @@ class VQGANTokenizer:
     kind = KIND
 
     def __init__(self, cfg: VQGANConfig, weights: dict[str, Any], device: str = "cpu", dtype: str = "float32"):
-        import torch
-
         self.cfg = cfg
         model = build_model(cfg)
         state = {
@@ -398,8 +392,6 @@ class VQGANTokenizer:
 
     def place(self, device: str, dtype: str = "float32") -> None:
         """Move the model to `device` in `dtype` (a no-op when already there)."""
-        import torch
-
         if dtype not in DTYPES:
             raise ValueError(f"VQ-GAN dtype {dtype!r}; expected one of {DTYPES}")
         if (device, dtype) == (self._device, self._dtype):
@@ -414,8 +406,6 @@ class VQGANTokenizer:
 
     def encode_pixels(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, R, R) float32 in [-1, 1] → (N, tokens_per_image) int32 codes, as one batch."""
-        import torch
-
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self._device, getattr(torch, self._dtype))
             return self._model.encode(t).cpu().numpy().astype(np.int32)
@@ -426,8 +416,6 @@ class VQGANTokenizer:
         return self.encode_pixels(self.preprocess(images))
 
     def decode(self, codes: np.ndarray) -> list[Image.Image]:
-        import torch
-
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.tokens_per_image)
         if codes.size and (codes.min() < 0 or codes.max() >= self.num_codes):
             raise ValueError("image codes out of range")
@@ -442,9 +430,6 @@ class VQGANTokenizer:
         return arrays
 
     def save(self, path: str) -> None:
-        from transforms.lib.io import write_bytes
-        from transforms.lib.tokenize import _save_npz
-
         write_bytes(path, _save_npz(self.to_arrays()))
 
     @classmethod
@@ -458,15 +443,11 @@ class VQGANTokenizer:
 
 
 def _read(path: str) -> bytes:
-    import fsspec
-
     with fsspec.open(path, "rb") as f:
         return f.read()
 
 
 def _exists(path: str) -> bool:
-    import fsspec
-
     fs, p = fsspec.core.url_to_fs(path)
     return fs.exists(p)
 
@@ -483,11 +464,9 @@ def load_state_dict(data: bytes, name: str) -> dict[str, torch.Tensor]:
 
     Raises ValueError, with the command that converts it, for a checkpoint `weights_only` refuses.
     """
-    import torch
-
     if name.endswith(".safetensors"):
         try:
-            from safetensors.torch import load as load_safetensors
+            from safetensors.torch import load as load_safetensors  # lazy: the `chameleon` extra's
         except ImportError:
             raise ValueError(f"{name}: reading safetensors needs `pip install -e '.[chameleon]'`") from None
         state = load_safetensors(data)
@@ -556,8 +535,7 @@ def convert(src: str, dst: str) -> None:
     Runs `torch.load(weights_only=False)`, which executes whatever the file's pickle asks for: only
     for files you trust, and only when asked with `--trust-pickle`.
     """
-    import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: the `chameleon` extra's; only converting needs it
 
     obj = torch.load(src, map_location="cpu", weights_only=False)
     state = obj.get("state_dict", obj)
@@ -567,8 +545,6 @@ def convert(src: str, dst: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m transforms.lib.vqgan")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="a trusted pickle .ckpt -> .safetensors with the same keys")
