@@ -114,7 +114,7 @@ def test_external_worker_pool_runs_the_work_and_gives_the_direct_runners_bytes(d
         before = sum(progress._counts.values())
         flags = [*PORTABLE, "--environment_type=EXTERNAL", f"--environment_config=localhost:{port}"]
         # Both flags that would ask for two SDK harnesses; Beam 2.78's embedded job service honours neither
-        # (README, "The portable runner, Flink and Spark"), and the assertions below pin that.
+        # (README, "The portable runner, Flink and Spark"): one harness does the work, with the same bytes.
         stats = build(root / "data", root / "external", *flags, *ONE_HARNESS_ANYWAY)
     finally:
         pool.terminate()
@@ -126,8 +126,8 @@ def test_external_worker_pool_runs_the_work_and_gives_the_direct_runners_bytes(d
     assert "Starting worker with command" in lines
     pids = {int(p) for p in re.findall(r"\[cm3corpus progress\] pid (\d+)", lines)}
     assert pids and os.getpid() not in pids and pool.pid not in pids
-    # One StartWorker request, one harness process did all the work: local_job_service.BeamJob._invoke_runner
-    # calls FnApiRunner.run_via_runner_api directly, past run_pipeline, the only reader of --direct_num_workers,
-    # and nothing in the Python SDK reads --sdk_worker_parallelism. If this fails, Beam now starts several
-    # harnesses: check the bytes still match (they do above) and update the README's paragraph.
-    assert lines.count("Starting worker with command") == 1 and len(pids) == 1, (lines.count("Starting worker"), pids)
+    # Every process that did work is a harness the pool started. Beam 2.78's embedded job service starts one
+    # whatever the flags (local_job_service.BeamJob._invoke_runner calls FnApiRunner.run_via_runner_api, past
+    # run_pipeline, the only reader of --direct_num_workers; README, "The portable runner, Flink and Spark"); the
+    # count is not pinned, so a Beam that starts more passes here as long as the bytes above still match.
+    assert 1 <= len(pids) <= lines.count("Starting worker with command"), (lines.count("Starting worker"), pids)
