@@ -6,8 +6,8 @@
     python benchmarks/bench_scale.py --defaults         # the defaults (CM3Leon shape), 256 px images, 200 and 400
     python benchmarks/bench_scale.py --held             # also what the runner holds, per PCollection (slower)
 
-The default stops at 8k because a 16k build took over 5 minutes on the 2-core development machine
-(4k took 114 s there while other jobs shared the cores); 64k takes most of an hour there.
+The default stops at 8k because a 16k build takes 2 minutes and 64k 7 minutes on the 2-core development
+machine when it is quiet (2026-12-06), several times that while other jobs share the cores.
 
 For each size the demo corpus (`pipelines.demo.data.write_demo_corpus`, 250 examples per tar as
 `cm3corpus demo`, 64 px images or `--image_size`) is written, then built by `pipelines.build_corpus.run`
