@@ -27,6 +27,7 @@ from transforms.lib.tokenize import (
     load_image_tokenizer,
     load_tokenizers,
     psnr,
+    unique_rows,
     write_tokenizers,
 )
 
@@ -275,3 +276,16 @@ def test_fit_weights_repeated_patches_as_the_full_sample():
     assert np.array_equal(a.codebook, b.codebook)
     colour = np.tile(np.array([200, 30, 90], np.uint8), 16)
     assert (a.codebook == colour).all(axis=1).any()
+
+
+def test_unique_rows_is_numpys_unique_over_rows():
+    """The fit's dedup gives np.unique(axis=0)'s rows, order and counts: the codebook cannot move."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, size=(300, 12), dtype=np.uint8)
+    base[:40, :6] = 0  # rows that differ only past a shared prefix, and the byte extremes 0 and 255
+    base[40:80, :6] = 255
+    rows = base[rng.integers(0, len(base), size=2000)]
+    want_rows, want_counts = np.unique(rows, axis=0, return_counts=True)
+    got_rows, got_counts = unique_rows(rows)
+    assert got_rows.dtype == np.uint8 and got_rows.shape == want_rows.shape and len(got_rows) < len(rows)
+    assert np.array_equal(got_rows, want_rows) and np.array_equal(got_counts, want_counts)
