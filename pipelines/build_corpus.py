@@ -113,8 +113,12 @@ def build_pipeline(p: beam.Pipeline, cfg: BuildConfig, units: list[tuple[str, st
     sc = SequenceConfig.from_config(cfg)
     tokenizers = examples | "FitTokenizers" >> FitTokenizers(f"{staging}/tokenizers", sc)
     loaded = PerWorker()  # one load of the tokenizers per worker, for both tokenizing steps and the layout
-    tok_opts = {"batch_size": sc.tokenize_batch_size, "device": sc.device, "dtype": sc.image_tokenizer_dtype}
-    tok_opts["loaded"] = loaded
+    tok_opts = {
+        "batch_size": sc.tokenize_batch_size,
+        "device": sc.device,
+        "dtype": sc.image_tokenizer_dtype,
+        "loaded": loaded,
+    }
     docs, token_rejects = examples | "TokenizeDocs" >> TokenizeDocs(tokenizers, **tok_opts)
     embedded_keys = embedded | "EmbeddedKeys" >> beam.Map(lambda e: (e.key, None))
     others = None

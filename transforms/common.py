@@ -15,15 +15,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.utils import shared
 
-from transforms.lib.rng import stable_hash
-
-
-def _count(element: Any, measure: Callable | None) -> Any:
-    return 1 if measure is None else measure(element)
+from transforms.lib.rng import bucket_of
 
 
 def _bucketed(element: Any, n: int, key: Callable, value: Callable | None) -> tuple[int, Any]:
-    return stable_hash(key(element)) % n, (element if value is None else value(element))
+    return bucket_of(key(element), n), (element if value is None else value(element))
 
 
 class KeyHashBuckets(beam.PTransform):
@@ -31,7 +27,7 @@ class KeyHashBuckets(beam.PTransform):
 
     The bucket count is `num_buckets(total)`, the total being the input's element count, or with
     `measure` and `add` the sum of `measure(element)` (shards count samples and bytes). The bucket is
-    `stable_hash(key(element)) % count`.
+    `bucket_of(key(element), count)`.
 
     Args:
         num_buckets: total → how many buckets (at least 1).
@@ -55,7 +51,7 @@ class KeyHashBuckets(beam.PTransform):
         if self._measure is None:
             total = pcoll | "Count" >> beam.combiners.Count.Globally()
         else:
-            total = pcoll | "Sizes" >> beam.Map(_count, self._measure) | "Total" >> beam.CombineGlobally(self._add)
+            total = pcoll | "Sizes" >> beam.Map(self._measure) | "Total" >> beam.CombineGlobally(self._add)
         n = total | "NumBuckets" >> beam.Map(self._num_buckets)
         keyed = pcoll | "Bucket" >> beam.Map(_bucketed, beam.pvalue.AsSingleton(n), self._key, self._value)
         return keyed, n

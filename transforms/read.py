@@ -72,7 +72,7 @@ class ReadExamples(beam.PTransform):
         self._units = units
         self._cfg = cfg
         self._prefix = cfg.key_prefix if key_prefix is None else key_prefix
-        self._read_ns, self._reject_ns = (f"{counters}read", f"{counters}rejected")
+        self._read_ns, self._reject_ns = (f"{counters}read", f"{counters}{REJECTED}")
 
     def expand(self, pbegin):
         read = (

@@ -47,6 +47,14 @@ def query_dropout(token_ids: list[int], rate: float, seed: int, key: str) -> lis
     return [t for i, t in enumerate(token_ids) if i not in drop]
 
 
+def bucket_of(key: str, num_buckets: int) -> int:
+    """The bucket of a key among `num_buckets`: a process-independent hash, so every runner agrees.
+
+    Model batches, bank parts, parquet files and shards are all cut this way (`transforms.common.KeyHashBuckets`).
+    """
+    return stable_hash(key) % num_buckets
+
+
 def is_held_out(key: str, fraction: float) -> bool:
     """Whether `key` belongs to the held-out split: decided by the key alone, so the split is the same
     for every seed, runner and corpus size, and an example never changes sides as a corpus grows."""

@@ -5,7 +5,7 @@ the same files byte for byte:
 
 1. `num_shards_for(count, total_bytes, ...)` from two global sums (samples, and `sample_nbytes`),
    aiming each shard at `fill` of `shard_max_samples` and `shard_max_bytes`;
-2. `shard_of(key, num_shards) = stable_hash(key) % num_shards` (num_shards as a side input);
+2. `shard_of(key, num_shards) = bucket_of(key, num_shards)`, `stable_hash(key) % num_shards` (num_shards as a side input);
 3. GroupByKey on that bucket, then `write_bucket`: the bucket's samples sorted by key, written to
    `cm3-{bucket:06d}.tar`. Hash buckets are uneven, so a bucket that still exceeds either limit is
    split, in key order, into `cm3-{bucket:06d}.tar`, `cm3-{bucket:06d}-001.tar`, ... A bucket
@@ -32,7 +32,7 @@ import pyarrow as pa
 from schemas.artifacts import SCHEMA_VERSION, SHARD_MANIFEST
 from schemas.records import ManifestRow, ShardSample
 from transforms.lib.io import TAR_FORMAT, atomic_open, tar_member, write_bytes, write_table, write_tar
-from transforms.lib.rng import stable_hash
+from transforms.lib.rng import bucket_of
 
 SHARD_PREFIX = "cm3"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -88,7 +88,7 @@ def num_shards_for(num_samples: int, total_bytes: int, max_samples: int, max_byt
 
 def shard_of(key: str, num_shards: int) -> int:
     """The bucket of a key: a process-independent hash modulo `num_shards`."""
-    return stable_hash(key) % num_shards
+    return bucket_of(key, num_shards)
 
 
 def shard_assignment(keys: Iterable[str], num_shards: int) -> dict[str, int]:
