@@ -137,6 +137,33 @@ def test_encode_is_exact_nearest_code(image_tok):
     assert np.array_equal(image_tok.nearest(patches), dist.argmin(1))
 
 
+def test_encode_searches_each_distinct_patch_once_with_the_same_codes(image_tok, monkeypatch):
+    # Repeated patches (flat backgrounds, the same image twice) are searched once; every code equals the
+    # exact per-patch search, and an image's codes do not depend on what else is in its batch.
+    images = shapes(3, seed=11)
+    flat = Image.new("RGB", images[0].size, (200, 30, 90))
+    batch = [images[0], flat, images[1], images[0], images[2]]
+    searched = []
+    nearest = image_tok.nearest
+    monkeypatch.setattr(image_tok, "nearest", lambda p, **kw: searched.append(len(p)) or nearest(p, **kw))
+    codes = image_tok.encode(batch)
+    all_patches = np.concatenate([image_tok.patches(im) for im in batch])
+    assert searched == [len(np.unique(all_patches, axis=0))] and searched[0] < len(all_patches)
+    monkeypatch.undo()
+    assert np.array_equal(codes.reshape(-1), image_tok.nearest(all_patches))
+    assert len(set(codes[1].tolist())) == 1 and np.array_equal(codes[0], codes[3])
+    for i, im in enumerate(batch):
+        assert np.array_equal(image_tok.encode([im])[0], codes[i])
+
+
+def test_unique_rows_inverse_rebuilds_the_rows():
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 4, size=(500, 6), dtype=np.uint8)
+    unique, inverse = unique_rows(rows, inverse=True)
+    assert np.array_equal(unique, np.unique(rows, axis=0)) and len(unique) < len(rows)
+    assert inverse.shape == (500,) and np.array_equal(unique[inverse], rows)
+
+
 def test_patch_vq_fit_is_seeded():
     images = shapes(6, seed=0)
     a = fit_patch_vq(images, 32, 32, 8, seed=1, niter=5)
