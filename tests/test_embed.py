@@ -119,6 +119,25 @@ def test_undecodable_image_is_an_error_for_that_example_only(embedder):
     assert results["both"].image_emb is not None
 
 
+def test_an_undecodable_image_does_not_keep_its_batch_alive(embedder):
+    # The failure comes back as a string, not the exception: a kept exception's traceback holds the frame
+    # that holds the batch's decoded pixels, a cycle only Python's rare full collection frees (the Embed
+    # stage's memory grew with the corpus). With the collector off, the pixels must go with the list.
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        out = embedder._decode_all([_jpeg((0, 255, 0)), b"\xff\xd8 not really a jpeg"])
+        assert isinstance(out[1], str) and out[1].startswith("UnidentifiedImageError")
+        pixels = weakref.ref(out[0])
+        del out
+        assert pixels() is None
+    finally:
+        gc.enable()
+
+
 def test_embedding_rows_round_trip_parquet_with_nulls(embedder, tmp_path):
     results = _handler().embed_batch(_examples(), embedder)
     dim = clip_embed_dim(ARCH)

@@ -100,13 +100,20 @@ class ClipEmbedder:
             return self.preprocess(im.convert("RGB"))  # (3, H, W)
 
     def _decode_all(self, images: Sequence[bytes]) -> list:
-        """Each image's pixels, or the exception that decoding it raised."""
+        """Each image's pixels, or why decoding it failed (`describe_error`'s string).
+
+        A string, not the exception: a kept exception's traceback holds this frame, whose `out` holds the
+        exception, a reference cycle that keeps the whole batch's pixels alive until Python's rare full
+        collection. Embedding the 256 px demo tars' images directly (their deliberately broken ones
+        included), memory grew 69 KiB per image from 300 to 900 images; now it stays flat
+        (benchmarks/results/2026-12-06-memory.md). In a build the read stage rejects most such images first.
+        """
         out = []
         for data in images:
             try:
                 out.append(self._pixels(data))
             except Exception as e:
-                out.append(e)
+                out.append(describe_error(e))
         return out
 
     def _encode_text(self, tokens) -> np.ndarray:
@@ -174,8 +181,8 @@ class ClipEmbedder:
                 if not (img or cap)
             }
             for (i, _), decoded in zip(wanted, decoding.result(), strict=True):
-                if isinstance(decoded, Exception):  # undecodable: ingest should have caught it; reject, don't crash
-                    errors[i] = f"image_undecodable: {describe_error(decoded)}"
+                if isinstance(decoded, str):  # undecodable: ingest should have caught it; reject, don't crash
+                    errors[i] = f"image_undecodable: {decoded}"
                 else:
                     pixels[i] = decoded
             order = sorted(pixels)
