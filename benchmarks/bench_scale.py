@@ -5,6 +5,7 @@
     python benchmarks/bench_scale.py --quick            # 500, 1k, 2k
     python benchmarks/bench_scale.py --defaults         # the defaults (CM3Leon shape), 256 px images, 200 and 400
     python benchmarks/bench_scale.py --held             # also what the runner holds, per PCollection (slower)
+    python benchmarks/bench_scale.py --traced           # also the live Python heap's peak (tracemalloc; slower)
 
 The default stops at 8k because a 16k build takes 2 minutes and 64k 7 minutes on the 2-core development
 machine when it is quiet (2026-12-06), several times that while other jobs share the cores.
@@ -27,7 +28,10 @@ hub can be reached, and a prepared codebook (`build_flags`). Reported per size:
 - the per-example memory slope: peak RSS growth per example between the two largest sizes, and the
   least-squares slope over all sizes, each less the bank's own growth;
 - with `--held`, `benchmarks/held.py`'s table: the encoded bytes per example of every PCollection the
-  runner materialised, and what it held at once at most.
+  runner materialised, and what it held at once at most;
+- with `--traced`, the peak of the live Python heap (`tracemalloc`, one frame: every Python object and
+  numpy array the pipeline and the runner keep alive) and its growth per example, beside peak RSS's:
+  the difference is memory outside Python's heap (native libraries, the allocator's retained pages).
 
 The last line of output is `RESULT {json}` for `benchmarks/run_all.py`.
 
@@ -115,9 +119,10 @@ def build_flags(settings: str, workdir: str) -> list[str]:
     return ["--clip_model=demo", f"--image_tokenizer={codebook}"]
 
 
-def build_child(data: str, output: str, settings: str, held: bool) -> None:
+def build_child(data: str, output: str, settings: str, held: bool, traced: bool = False) -> None:
     """In the child: build `data` into `output`, print one JSON line with the stats and stage times."""
     import contextlib
+    import tracemalloc
 
     from pipelines import build_corpus
 
@@ -128,8 +133,13 @@ def build_child(data: str, output: str, settings: str, held: bool) -> None:
         watching = watch()
     flags = build_flags(settings, str(Path(output).parent))
     argv = ["--input", f"{data}/*.tar", "--output", output, "--seed", "0", *flags]
+    if traced:
+        tracemalloc.start(1)
     with watching as seen:
         got = run_with_stages(build_corpus, argv)
+    if traced:
+        got["traced_peak"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
     stats = got["stats"]
     if held:
         n = max(1, stats["examples_read"])
@@ -151,7 +161,9 @@ def _token_bytes(output: str) -> float:
     return 4 * tokens / max(1, samples)
 
 
-def measure(size: int, workdir: str, settings: str = "demo", image_size: int = 64, held: bool = False) -> dict:
+def measure(
+    size: int, workdir: str, settings: str = "demo", image_size: int = 64, held: bool = False, traced: bool = False
+) -> dict:
     """Write the demo corpus of `size` examples, build it in a child process, return its figures."""
     from pipelines.demo.data import write_demo_corpus
 
@@ -161,7 +173,8 @@ def measure(size: int, workdir: str, settings: str = "demo", image_size: int = 6
     if not Path(data).exists():
         write_demo_corpus(data, num_examples=size, seed=0, image_size=image_size, shard_size=250)
     data_s = time.perf_counter() - t0
-    cmd = [sys.executable, __file__, "--_build", data, output, "--settings", settings] + (["--held"] if held else [])
+    cmd = [sys.executable, __file__, "--_build", data, output, "--settings", settings]
+    cmd += (["--held"] if held else []) + (["--traced"] if traced else [])
     with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -188,6 +201,7 @@ def measure(size: int, workdir: str, settings: str = "demo", image_size: int = 6
         "token_bytes": _token_bytes(output),
         "stages_ms": got["stages"],
         "held": got.get("held"),
+        "traced_peak": got.get("traced_peak"),
         "load_avg_1m": os.getloadavg()[0],  # the machine may be shared: timings swing with its load
     }
 
@@ -239,6 +253,17 @@ def tables(results: list[dict]) -> str:
             f"Marginal cost {1000 * marginal:.2f} ms/example. Peak RSS grows {sl['last_step'] / 1024:.1f} KiB per "
             f"example between the two largest sizes ({sl['least_squares'] / 1024:.1f} KiB least squares over all), "
             f"the bank's {sl['bank'] / 1024:.2f} KiB excepted; target {slope_target(results) / 1024:.1f} KiB."
+        )
+    traced = [r for r in results if r.get("traced_peak")]
+    if len(traced) > 1:
+        a, b = traced[-2], traced[-1]
+        live = (b["traced_peak"] - a["traced_peak"]) / (b["size"] - a["size"])
+        rss = (b["peak_rss"] - a["peak_rss"]) / (b["size"] - a["size"])
+        lines.append("")
+        lines.append(
+            f"Live Python heap at its peak (tracemalloc): {_mib(a['traced_peak'])} at {a['size']:,}, "
+            f"{_mib(b['traced_peak'])} at {b['size']:,}: {live / 1024:.1f} KiB per example, against peak RSS's "
+            f"{rss / 1024:.1f} KiB in the same runs; the rest is outside Python's heap."
         )
     # Beam's own ref_PCollection_* steps (runner plumbing) and stages that never took a sampled msec are left out.
     named = {s for r in results for s, ms in r["stages_ms"].items() if ms and not s.startswith("ref_")}
@@ -314,11 +339,12 @@ def main() -> int:
     ap.add_argument("--defaults", action="store_true", help="the build's default settings with 256 px images")
     ap.add_argument("--image_size", type=int, default=None, help="demo image side (64; 256 with --defaults)")
     ap.add_argument("--held", action="store_true", help="also size what the runner holds per PCollection (slower)")
+    ap.add_argument("--traced", action="store_true", help="also the live Python heap's peak (tracemalloc; slower)")
     ap.add_argument("--_build", nargs=2, metavar=("DATA", "OUTPUT"), help=argparse.SUPPRESS)
     ap.add_argument("--settings", default="demo", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._build:
-        build_child(*args._build, args.settings, args.held)
+        build_child(*args._build, args.settings, args.held, args.traced)
         return 0
     settings = "defaults" if args.defaults else "demo"
     image_size = args.image_size or (256 if args.defaults else 64)
@@ -334,7 +360,7 @@ def main() -> int:
         os.makedirs(workdir, exist_ok=True)
         results = []
         for size in sizes:
-            r = measure(size, workdir, settings, image_size, args.held)
+            r = measure(size, workdir, settings, image_size, args.held, args.traced)
             results.append(r)
             print(
                 f"{size:,} examples ({settings} settings, {image_size} px): data {r['data_s']:.1f} s, build "
