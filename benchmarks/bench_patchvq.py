@@ -105,8 +105,8 @@ def main() -> None:
     )
     if args.demo_images:
         demo = demo_patches(tok, args.demo_images)
-        t_all = min(_best(lambda: tok.nearest(demo), 1) for _ in range(args.repeats))
-        t_distinct = min(_best(lambda: tok.nearest_distinct(demo), 1) for _ in range(args.repeats))
+        t_all = _best(lambda: tok.nearest(demo), args.repeats)
+        t_distinct = _best(lambda: tok.nearest_distinct(demo), args.repeats)
         share = len(unique_rows(demo)[0]) / len(demo)
         same = same and bool(np.array_equal(tok.nearest_distinct(demo), tok.nearest(demo)))
         k = args.demo_images
